@@ -1,0 +1,11 @@
+"""regretless assets (not implemented yet)."""
+
+from regretless.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("'assets' is not implemented yet")

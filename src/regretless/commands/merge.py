@@ -1,0 +1,11 @@
+"""regretless merge (not implemented yet)."""
+
+from regretless.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("'merge' is not implemented yet")

@@ -1,0 +1,11 @@
+"""regretless reproduce (not implemented yet)."""
+
+from regretless.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("'reproduce' is not implemented yet")

@@ -1,0 +1,11 @@
+"""regretless rl (not implemented yet)."""
+
+from regretless.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("'rl' is not implemented yet")

@@ -1,0 +1,11 @@
+"""regretless sft (not implemented yet)."""
+
+from regretless.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("'sft' is not implemented yet")

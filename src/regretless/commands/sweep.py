@@ -1,0 +1,11 @@
+"""regretless sweep (not implemented yet)."""
+
+from regretless.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("'sweep' is not implemented yet")
