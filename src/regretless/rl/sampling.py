@@ -1,0 +1,162 @@
+"""Batched sampling with a KV cache, and scoring of sampled completions under the learner.
+
+`sample` left-pads the P prompts, runs them through the model once (prefill), repeats the cache G times
+(`DynamicCache.batch_repeat_interleave`) and then feeds one token per step, reusing the cache (updated in place). Rows that
+finish (EOS or a stop string) are dropped from the cache, so late steps only pay for live rows. For each
+sampled token it records the sampler's log-prob under the model's own distribution at temperature 1, i.e.
+`log_softmax(logits)[token]` of the very logits used to draw it; that is the `logp_old` of the importance ratio.
+
+Departures: with temperature != 1 or top_p < 1 the tokens are drawn from the tempered/truncated distribution
+while the recorded log-prob is the untempered one (the learner's distribution), so the importance ratio
+p_learner / p_sampler is taken between the untempered policies, as in the paper's tooling. Row order is
+prompt-major: row i * G + j is sample j of prompt i.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class SampleBatch:
+    tokens_N_T: torch.Tensor  # (N, T) long, completion ids; pad_id after each row's end
+    logp_N_T: torch.Tensor  # (N, T) float32, sampler log-prob (temperature 1); 0 at padding
+    entropy_N_T: torch.Tensor  # (N, T) float32, entropy of the temperature-1 distribution; 0 at padding
+    mask_N_T: torch.Tensor  # (N, T) bool, True on completion tokens
+    lengths_N: torch.Tensor  # (N,) long
+    stopped_N: torch.Tensor  # (N,) bool, ended by EOS or a stop string (False: ran into max_new_tokens)
+    texts: list[str]  # decoded completions, special tokens skipped, cut before the stop string
+    prompt_index_N: torch.Tensor  # (N,) long, index into the prompt list
+    wall_s: float
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths_N.sum())
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ids_B_L (long), attn_B_L (long) with the padding on the left."""
+    width = max(len(s) for s in seqs)
+    ids_B_L = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn_B_L = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids_B_L[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            attn_B_L[i, width - len(s):] = 1
+    return ids_B_L, attn_B_L
+
+
+def _positions(attn_B_L: torch.Tensor) -> torch.Tensor:
+    return (attn_B_L.cumsum(-1) - 1).clamp(min=0)
+
+
+def _draw(logits_N_V: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+          ) -> torch.Tensor:
+    """Greedy when temperature == 0, else a sample from softmax(logits / temperature) cut to the top-p nucleus."""
+    if temperature == 0:
+        return logits_N_V.argmax(-1)
+    probs_N_V = torch.softmax(logits_N_V / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_N_V, order_N_V = probs_N_V.sort(dim=-1, descending=True)
+        outside_N_V = sorted_N_V.cumsum(-1) - sorted_N_V > top_p  # the top token is always kept
+        sorted_N_V = sorted_N_V.masked_fill(outside_N_V, 0.0)
+        probs_N_V = torch.zeros_like(probs_N_V).scatter(-1, order_N_V, sorted_N_V)
+    gen_device = generator.device if generator is not None else probs_N_V.device
+    return torch.multinomial(probs_N_V.to(gen_device), 1, generator=generator).squeeze(-1).to(probs_N_V.device)
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]], n: int, max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, stop: tuple[str, ...] | list[str] = (),
+           eos_token_ids: list[int] | None = None, generator: torch.Generator | None = None,
+           pad_token_id: int | None = None) -> SampleBatch:
+    """Sample `n` completions per prompt (N = len(prompts) * n rows); see the module docstring."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    if eos_token_ids is None:
+        eos = tokenizer.eos_token_id
+        eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    eos_set = set(eos_token_ids)
+    if pad_token_id is None:
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
+    stop = [s for s in stop if s]
+    tail_tokens = max((len(s) for s in stop), default=0) + 2
+
+    ids_P_L, attn_P_L = left_pad(prompts_token_ids, pad_token_id)
+    ids_P_L, attn_P_L = ids_P_L.to(device), attn_P_L.to(device)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids_P_L, attention_mask=attn_P_L, position_ids=_positions(attn_P_L),
+                cache=cache, use_cache=True, logits_to_keep=1)
+    N = len(prompts_token_ids) * n
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    logits_A_V = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # A = rows still alive
+    attn_A_L = attn_P_L.repeat_interleave(n, dim=0)
+    pos_A = _positions(attn_P_L)[:, -1].repeat_interleave(n, dim=0)
+    alive_A = torch.arange(N, device=device)
+
+    tokens_N_T = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logp_N_T = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
+    entropy_N_T = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
+    lengths_N = torch.zeros(N, dtype=torch.long, device=device)
+    stopped_N = torch.zeros(N, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        logp_A_V = torch.log_softmax(logits_A_V, dim=-1)
+        tok_A = _draw(logits_A_V, temperature, top_p, generator)
+        tokens_N_T[alive_A, t] = tok_A
+        logp_N_T[alive_A, t] = logp_A_V.gather(-1, tok_A[:, None]).squeeze(-1)
+        entropy_N_T[alive_A, t] = -(logp_A_V.exp() * logp_A_V).sum(-1)
+        lengths_N[alive_A] = t + 1
+        done_A = torch.tensor([int(x) in eos_set for x in tok_A.tolist()], dtype=torch.bool, device=device)
+        if stop:
+            for a, row in enumerate(alive_A.tolist()):
+                if not done_A[a]:
+                    tail = tokenizer.decode(tokens_N_T[row, max(0, t + 1 - tail_tokens):t + 1].tolist())
+                    done_A[a] = any(s in tail for s in stop)
+        stopped_N[alive_A[done_A]] = True
+        if t == max_new_tokens - 1 or bool(done_A.all()):
+            break
+        if bool(done_A.any()):
+            keep_A = (~done_A).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep_A)
+            alive_A, tok_A, attn_A_L, pos_A = alive_A[keep_A], tok_A[keep_A], attn_A_L[keep_A], pos_A[keep_A]
+        attn_A_L = torch.cat([attn_A_L, attn_A_L.new_ones((len(alive_A), 1))], dim=1)
+        pos_A = pos_A + 1
+        out = model(input_ids=tok_A[:, None], attention_mask=attn_A_L, position_ids=pos_A[:, None],
+                    cache=cache, use_cache=True)
+        logits_A_V = out.logits[:, -1].float()
+
+    T = int(lengths_N.max()) if N else 0
+    mask_N_T = torch.arange(T, device=device)[None, :] < lengths_N[:, None]
+    texts = []
+    for row in range(N):
+        text = tokenizer.decode(tokens_N_T[row, :int(lengths_N[row])].tolist(), skip_special_tokens=True)
+        cuts = [text.find(s) for s in stop if s in text]
+        texts.append(text[:min(cuts)] if cuts else text)
+    return SampleBatch(tokens_N_T[:, :T].cpu(), logp_N_T[:, :T].cpu(), entropy_N_T[:, :T].cpu(), mask_N_T.cpu(),
+                       lengths_N.cpu(), stopped_N.cpu(), texts,
+                       torch.arange(len(prompts_token_ids)).repeat_interleave(n), time.perf_counter() - t0)
+
+
+def completion_logprobs(model: torch.nn.Module, prompts_token_ids: list[list[int]], tokens_N_T: torch.Tensor,
+                        mask_N_T: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Log-prob of each completion token under `model` (temperature 1), with gradient: logp_N_T, 0 at padding.
+
+    Row i is prompts_token_ids[i] followed by tokens_N_T[i][mask]. Prompts are left-padded with the same
+    position ids as in `sample`, so an unchanged model reproduces the sampler's log-probs up to float error;
+    only the completion positions' logits are materialized (`logits_to_keep`).
+    """
+    device = next(model.parameters()).device
+    N, T = tokens_N_T.shape
+    ids_N_L, attn_N_L = left_pad(prompts_token_ids, pad_token_id)
+    ids_N_S = torch.cat([ids_N_L, tokens_N_T.masked_fill(~mask_N_T, pad_token_id)], dim=1).to(device)
+    attn_N_S = torch.cat([attn_N_L, mask_N_T.long()], dim=1).to(device)
+    out = model(input_ids=ids_N_S, attention_mask=attn_N_S, position_ids=_positions(attn_N_S),
+                use_cache=False, logits_to_keep=T + 1)
+    logits_N_T_V = out.logits[:, :-1].float()  # position L-1+t predicts completion token t
+    logp_N_T = torch.log_softmax(logits_N_T_V, dim=-1).gather(-1, ids_N_S[:, -T:, None].to(device)).squeeze(-1)
+    return logp_N_T * mask_N_T.to(device)

@@ -1,0 +1,104 @@
+"""One RL step without the run plumbing: sample G completions per problem, grade them, and accumulate the
+policy gradient of the importance-sampled loss into `.grad` (the caller clips, steps and logs).
+
+    stats = policy_gradient_step(model, tok, env, problems, prompt_ids, cfg, generator)
+    optimizer.step()
+
+Groups whose rewards are all equal carry no signal (their advantages are exactly 0): they are counted in
+`frac_constant_groups` and skipped in the training forward, but their tokens stay in the loss normaliser
+(see `rl.loss`), so skipping them is exactly the same as training on them with zero advantage. With
+`kl_coef > 0` the KL term is therefore only applied on the trained (non-constant) groups' tokens.
+`accuracy` is the fraction of samples with a positive reward (for the default answer-match reward, correct).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+import torch
+
+from regretless.config import RLConfig
+from regretless.rl.envs import Env, Problem
+from regretless.rl.loss import constant_groups, group_advantages, pg_loss
+from regretless.rl.sampling import SampleBatch, completion_logprobs, sample
+
+Reference = Callable[[], contextlib.AbstractContextManager[torch.nn.Module]]
+
+
+def _masked_mean(x_N_T: torch.Tensor, mask_N_T: torch.Tensor) -> float:
+    return float((x_N_T * mask_N_T).sum() / mask_N_T.sum().clamp(min=1))
+
+
+def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: list[Problem],
+                         prompt_ids: list[list[int]], cfg: RLConfig, generator: torch.Generator | None = None,
+                         reference: Reference | None = None,
+                         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                         ) -> tuple[dict[str, float], SampleBatch]:
+    """Sample, grade, and backpropagate the PG loss over micro-batches of `cfg.micro_batch_size` sequences.
+
+    `reference()` must yield the reference policy for the KL term (LoRA: `adapters_disabled(model)`; FullFT:
+    a frozen copy); it is only used when `cfg.kl_coef > 0`. Returns (metrics, the sampled batch).
+    """
+    G = cfg.group_size
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    with autocast():
+        batch = sample(model, tokenizer, prompt_ids, n=G, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_p=cfg.top_p, stop=cfg.stop, generator=generator,
+                       pad_token_id=pad_id)
+    grades = [env.grade(problems[i], text) for i, text in zip(batch.prompt_index_N.tolist(), batch.texts)]
+    rewards_P_G = torch.tensor([g.reward for g in grades], dtype=torch.float32).view(len(problems), G)
+    adv_N = group_advantages(rewards_P_G, cfg.normalize_std).flatten()
+    constant_P = constant_groups(rewards_P_G)
+    train_rows = (~constant_P).repeat_interleave(G).nonzero().squeeze(-1).tolist()
+
+    t0 = time.perf_counter()
+    model.train()
+    totals: dict[str, float] = {"loss": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0}
+    trained_tokens = 0
+    use_kl = cfg.kl_coef > 0 and reference is not None
+    for start in range(0, len(train_rows), cfg.micro_batch_size):
+        rows = train_rows[start:start + cfg.micro_batch_size]
+        T = int(batch.lengths_N[rows].max())
+        tokens_B_T, mask_B_T = batch.tokens_N_T[rows, :T], batch.mask_N_T[rows, :T]
+        rows_prompt_ids = [prompt_ids[int(batch.prompt_index_N[r])] for r in rows]
+        logp_ref_B_T = None
+        if use_kl:
+            with torch.no_grad(), reference() as ref_model, autocast():
+                logp_ref_B_T = completion_logprobs(ref_model, rows_prompt_ids, tokens_B_T, mask_B_T, pad_id)
+        with autocast():
+            logp_new_B_T = completion_logprobs(model, rows_prompt_ids, tokens_B_T, mask_B_T, pad_id)
+        device = logp_new_B_T.device
+        loss, stats = pg_loss(logp_new_B_T, batch.logp_N_T[rows, :T].to(device), adv_N[rows].to(device),
+                              mask_B_T.to(device), clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
+                              logp_ref_B_T=logp_ref_B_T, num_tokens=max(batch.num_tokens, 1))
+        loss.backward()
+        totals["loss"] += float(loss)
+        for k in ("ratio_mean", "clip_frac", "kl"):
+            totals[k] += stats[k] * stats["tokens"]
+        totals["tokens"] += stats["tokens"]
+        trained_tokens += sum(len(p) for p in rows_prompt_ids) + int(mask_B_T.sum())
+    train_s = time.perf_counter() - t0
+    model.eval()
+
+    n_tok = max(totals["tokens"], 1.0)
+    rewards_N = rewards_P_G.flatten()
+    metrics = {
+        "reward": float(rewards_N.mean()),
+        "accuracy": float((rewards_N > 0).float().mean()),
+        "frac_constant_groups": float(constant_P.float().mean()),
+        "response_len": float(batch.lengths_N.float().mean()),
+        "ratio_mean": totals["ratio_mean"] / n_tok if train_rows else 1.0,
+        "clip_frac": totals["clip_frac"] / n_tok,
+        "kl": totals["kl"] / n_tok,
+        "entropy": _masked_mean(batch.entropy_N_T, batch.mask_N_T),
+        "pg_loss": totals["loss"],
+        "frac_no_answer": 1.0 - sum(g.found for g in grades) / len(grades),
+        "frac_stopped": float(batch.stopped_N.float().mean()),
+        "sample_tokens_per_s": batch.num_tokens / max(batch.wall_s, 1e-9),
+        "train_tokens_per_s": trained_tokens / train_s if trained_tokens else 0.0,
+        "trained_sequences": float(len(train_rows)),
+    }
+    return metrics, batch
+

@@ -1,0 +1,87 @@
+import torch
+from conftest import build_model, tiny_llama_config, tiny_qwen3_moe_config
+
+from regretless.rl.sampling import completion_logprobs, sample
+
+MESSAGES = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "hi"}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How are you today?"}]]
+
+
+def _prompts(tok):
+    return [tok.apply_chat_template(m, add_generation_prompt=True)["input_ids"] for m in MESSAGES]
+
+
+@torch.no_grad()
+def _greedy_by_recompute(model, prompt, steps):
+    """Reference: one unpadded prompt, the whole sequence recomputed at every step, no cache."""
+    ids, toks, logps = list(prompt), [], []
+    for _ in range(steps):
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+        t = int(logits.argmax())
+        toks.append(t)
+        logps.append(float(torch.log_softmax(logits, -1)[t]))
+        ids.append(t)
+    return toks, logps
+
+
+def test_kv_cache_greedy_matches_full_recompute(tiny_tokenizer):
+    for cfg in (tiny_llama_config(), tiny_qwen3_moe_config()):
+        model = build_model(cfg)
+        prompts = _prompts(tiny_tokenizer)
+        batch = sample(model, tiny_tokenizer, prompts, n=2, max_new_tokens=10, temperature=0.0, eos_token_ids=[])
+        assert batch.tokens_N_T.shape == (6, 10) and batch.mask_N_T.all()
+        for i, p in enumerate(prompts):
+            toks, logps = _greedy_by_recompute(model, p, 10)
+            for row in (2 * i, 2 * i + 1):
+                assert batch.tokens_N_T[row].tolist() == toks
+                assert torch.allclose(batch.logp_N_T[row], torch.tensor(logps), atol=1e-5)
+
+
+def test_eos_ends_rows_and_others_continue(tiny_tokenizer, tiny_llama):
+    prompts = _prompts(tiny_tokenizer)
+    ref = [_greedy_by_recompute(tiny_llama, p, 8)[0] for p in prompts]
+    eos = ref[0][2]  # row 0 stops at step 3 (or earlier if the token repeats)
+    batch = sample(tiny_llama, tiny_tokenizer, prompts, n=1, max_new_tokens=8, temperature=0.0, eos_token_ids=[eos])
+    for row, toks in enumerate(ref):
+        end = toks.index(eos) + 1 if eos in toks else 8
+        assert batch.lengths_N[row] == end and bool(batch.stopped_N[row]) == (eos in toks)
+        assert batch.tokens_N_T[row, :end].tolist() == toks[:end]
+        assert not batch.mask_N_T[row, end:].any() and (batch.logp_N_T[row, end:] == 0).all()
+        assert (batch.tokens_N_T[row, end:] == tiny_tokenizer.pad_token_id).all()
+
+
+def test_stop_string_ends_row_and_is_cut_from_text(tiny_tokenizer, tiny_llama):
+    prompts = _prompts(tiny_tokenizer)[:1]
+    free = sample(tiny_llama, tiny_tokenizer, prompts, n=1, max_new_tokens=12, temperature=0.0, eos_token_ids=[])
+    text = free.texts[0]
+    stop = text[4:7]
+    assert stop
+    batch = sample(tiny_llama, tiny_tokenizer, prompts, n=1, max_new_tokens=12, temperature=0.0,
+                   eos_token_ids=[], stop=[stop])
+    assert batch.stopped_N[0] and batch.lengths_N[0] < 12
+    assert batch.texts[0] == text[:text.find(stop)]
+
+
+def test_sampled_logprobs_match_fresh_forward(tiny_tokenizer, tiny_llama):
+    prompts = _prompts(tiny_tokenizer)
+    g = torch.Generator().manual_seed(0)
+    batch = sample(tiny_llama, tiny_tokenizer, prompts, n=4, max_new_tokens=16, temperature=1.0, generator=g,
+                   eos_token_ids=[tiny_tokenizer.eos_token_id, 100, 200, 300])
+    assert batch.tokens_N_T.shape[0] == 12 and (batch.lengths_N >= 1).all()
+    rows = [prompts[i] for i in batch.prompt_index_N.tolist()]
+    logp_N_T = completion_logprobs(tiny_llama, rows, batch.tokens_N_T, batch.mask_N_T,
+                                   tiny_tokenizer.pad_token_id)
+    assert torch.allclose(logp_N_T, batch.logp_N_T, atol=1e-5)
+    assert logp_N_T.requires_grad
+    assert (batch.entropy_N_T[batch.mask_N_T] > 0).all()
+
+
+def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_tokenizer, tiny_llama):
+    prompts = _prompts(tiny_tokenizer)
+    a = sample(tiny_llama, tiny_tokenizer, prompts, n=3, max_new_tokens=6, generator=torch.Generator().manual_seed(1))
+    b = sample(tiny_llama, tiny_tokenizer, prompts, n=3, max_new_tokens=6, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.tokens_N_T, b.tokens_N_T)
+    greedy = sample(tiny_llama, tiny_tokenizer, prompts, n=2, max_new_tokens=6, temperature=0.0)
+    nucleus = sample(tiny_llama, tiny_tokenizer, prompts, n=2, max_new_tokens=6, top_p=1e-6,
+                     generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy.tokens_N_T, nucleus.tokens_N_T)
