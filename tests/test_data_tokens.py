@@ -112,3 +112,27 @@ def test_builtin_chatterbot_tokenizes_fast(tiny_tokenizer):
     assert 0.2 < stats.loss_tokens / stats.tokens < 0.8
     ex, t = examples[0], toks[0]
     assert trained_runs(tiny_tokenizer, t) == [m["content"] + END for m in ex["messages"] if m["role"] == "assistant"]
+
+
+class _SlowTokenizer:
+    """The test tokenizer seen as a slow one (no offsets), to exercise the piecewise path."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, text, **kw):
+        kw.pop("return_offsets_mapping", None)
+        return self._tok(text, **kw)
+
+
+def test_slow_tokenizer_path_masks_the_same_text(tiny_tokenizer):
+    ex = chat("Hi", "Hello there, friend.", "How are you?", "Quite well.", system="Be kind.")
+    [fast], _ = tokenize([ex], tiny_tokenizer, 256)
+    [slow], _ = tokenize([ex], _SlowTokenizer(tiny_tokenizer), 256)
+    assert trained_runs(tiny_tokenizer, slow) == trained_runs(tiny_tokenizer, fast)
+    assert tiny_tokenizer.decode(slow.input_ids) == tiny_tokenizer.decode(fast.input_ids)

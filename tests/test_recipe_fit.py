@@ -104,3 +104,29 @@ def test_read_sweep_csv(tmp_path):
     bad.write_text("condition,lr,final_loss\na,fast,1.0\n")
     with pytest.raises(UserError, match=":2: lr"):
         rf.read_sweep_csv(bad)
+
+
+def test_summarize_sweep_two_models():
+    # two model sizes, LoRA optimum 10x FullFT, both following LR* = M * 5e-5 * (2000/h)^0.5
+    rng = np.random.default_rng(4)
+    rows = []
+    for model, hidden in (("small", 1000), ("big", 4000)):
+        for method, mult in (("lora", 10.0), ("full", 1.0)):
+            x0 = math.log10(mult * 5e-5 * (2000 / hidden) ** 0.5)
+            for r in u_curve_rows(f"{model}/{method}", x0, rng, noise=0.001, grid=np.arange(-6, -1.99, 0.25)):
+                rows.append({**r, "model": model, "method": method, "hidden_size": hidden})
+    s = rf.summarize_sweep(rows)
+    assert set(s["optimal_lr"]) == {"small/lora", "small/full", "big/lora", "big/full"}
+    assert s["ratio"].ratio == pytest.approx(10.0, rel=0.03) and s["ratio"].n == 2
+    assert s["ratio_by_model"]["big"].ratio == pytest.approx(10.0, rel=0.05)
+    assert s["exponent"]["full"].p == pytest.approx(0.5, abs=0.03)
+    assert s["exponent"]["lora"].base == pytest.approx(5e-4, rel=0.05)
+    rows.append({"condition": "big/full", "lr": 1e-4, "final_loss": 1.0, "model": "big", "method": "lora"})
+    with pytest.raises(UserError, match="disagree"):
+        rf.summarize_sweep(rows)
+
+
+def test_fit_optimal_lrs_plain_view():
+    lrs = [1e-5, 1e-4, 1e-3]
+    rows = [{"condition": "c", "lr": v, "final_loss": (math.log10(v) + 4.1) ** 2} for v in lrs]
+    assert rf.fit_optimal_lrs(rows) == {"c": pytest.approx(10**-4.1)}

@@ -77,16 +77,16 @@ def test_policy_gradient_raises_reward(tiny_tokenizer, env_files):
     """FullFT on a tiny model: a handful of steps make 'e' early in the completion more likely."""
     model = build_model(tiny_llama_config())
     env, cfg, problems, ids = _setup(tiny_tokenizer, env_files)
-    cfg = replace(cfg, group_size=8)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    cfg = replace(cfg, group_size=8, micro_batch_size=16)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-2)
     g = torch.Generator().manual_seed(0)
     rewards = []
-    for _ in range(12):
+    for _ in range(14):
         opt.zero_grad()
         metrics, _ = policy_gradient_step(model, tiny_tokenizer, env, problems, ids, cfg, g)
         opt.step()
         rewards.append(metrics["reward"])
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, rewards
 
 
 def test_greedy_eval_and_prompt_length_check(tiny_tokenizer, env_files):

@@ -11,6 +11,7 @@ sweep ledger can hand its rows over, or a CSV file (`read_sweep_csv`). Pure nump
 - Ratio: LoRA LR* / FullFT LR*, with the log10 errors added in quadrature; over several models the geometric
   mean with the spread between models (the paper's "fit over 14 models: 9.8").
 - Exponent: log-log least squares of LR* against 2000/hidden_size: LR* = base * (2000/hidden)^p.
+`summarize_sweep(rows)` does all three when rows also carry `model`, `method` (lora|full) and `hidden_size`.
 Departures: the paper does not say how it interpolated or what uncertainty it attached; these are our choices.
 """
 
@@ -144,6 +145,11 @@ def fit_sweep(rows: Iterable[dict[str, Any]], half_width: int = 2) -> dict[str, 
             for cond, rs in groups.items()}
 
 
+def fit_optimal_lrs(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """condition -> interpolated optimal LR (the plain-number view of `fit_sweep`, for report/analysis)."""
+    return {cond: fit.lr for cond, fit in fit_sweep(rows).items()}
+
+
 def read_sweep_csv(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a CSV with a header holding at least condition, lr, final_loss."""
     path = Path(path)
@@ -215,3 +221,42 @@ def fit_exponent(hidden_sizes: Sequence[int], lrs: Sequence[float]) -> ExponentF
         cov = float(resid @ resid) / (x.size - 2) * np.linalg.inv(design.T @ design)
         p_se, base_se = float(math.sqrt(cov[0, 0])), float(math.sqrt(cov[1, 1]))
     return ExponentFit(p, float(10**log_base), p_se, base_se, int(x.size))
+
+
+def summarize_sweep(rows: Iterable[dict[str, Any]], half_width: int = 2) -> dict[str, Any]:
+    """Everything the rows support: optimal LR per condition; with `model` and `method` (lora|full) keys the
+    LoRA/FullFT ratio per model and over models; with `hidden_size` too, the exponent p per method.
+
+    Each condition must hold one (model, method, hidden_size); returns plain dataclasses in a dict.
+    """
+    rows = _check_rows(rows, ("condition", "lr", "final_loss"))
+    fits = fit_sweep(rows, half_width)
+    meta: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        info = {k: row[k] for k in ("model", "method", "hidden_size") if row.get(k) not in (None, "")}
+        prev = meta.setdefault(str(row["condition"]), info)
+        if prev != info:
+            raise UserError(f"condition {row['condition']!r}: rows disagree on model/method/hidden_size "
+                            f"({prev} vs {info})")
+    out: dict[str, Any] = {"optimal_lr": fits}
+    by_model: dict[str, dict[str, OptimalLR]] = {}
+    for cond, info in meta.items():
+        if "model" in info and info.get("method") in ("lora", "full"):
+            slot = by_model.setdefault(str(info["model"]), {})
+            if info["method"] in slot:
+                raise UserError(f"model {info['model']!r}: two {info['method']} conditions "
+                                f"({slot[info['method']].condition!r} and {cond!r}); expected one of each")
+            slot[info["method"]] = fits[cond]
+    ratios = {m: lr_ratio(s["lora"], s["full"]) for m, s in by_model.items() if len(s) == 2}
+    if ratios:
+        out["ratio_by_model"] = ratios
+        out["ratio"] = mean_ratio(list(ratios.values()))
+    exponents = {}
+    for method in ("lora", "full"):
+        pts = [(float(meta[c]["hidden_size"]), f.lr) for c, f in fits.items()
+               if meta[c].get("method") == method and "hidden_size" in meta[c]]
+        if len({h for h, _ in pts}) >= 2:
+            exponents[method] = fit_exponent([h for h, _ in pts], [lr for _, lr in pts])
+    if exponents:
+        out["exponent"] = exponents
+    return out

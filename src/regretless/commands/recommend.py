@@ -179,8 +179,9 @@ def recommend(args: argparse.Namespace) -> dict[str, Any]:
     # ---- learning rates
     full_lr, full_why = recipe.default_lr(cfg, "full", steps)
     lora_lr, lora_why = recipe.default_lr(cfg, "lora", steps)
-    put("lora_lr", lora_lr, lora_why)
-    put("full_lr", full_lr, full_why)
+    lrs = [("lora_lr", lora_lr, lora_why), ("full_lr", full_lr, full_why)]
+    for key, lr, why in lrs if args.method == "lora" else lrs[::-1]:
+        put(key, lr, why)
 
     model = meta_model(cfg)
     top_k = getattr(text, "num_experts_per_tok", None) if getattr(text, "num_experts", None) else None
@@ -195,6 +196,8 @@ def recommend(args: argparse.Namespace) -> dict[str, Any]:
         put("full_params", full_params, "FullFT trains every parameter")
         put("flops_per_token", {"full": full_flops}, "training FLOPs of the matmuls (forward + backward), "
                                                        "attention scores excluded")
+        if info is not None:
+            put("capacity", None, "FullFT: no adapter bottleneck; the verdict applies to LoRA (--method lora)")
     else:
         def lora_total(r: int) -> int:
             return int(count_params(model, lora_cfg(r))["total"])

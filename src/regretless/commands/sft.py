@@ -1,11 +1,38 @@
-"""regretless sft (not implemented yet)."""
+"""Supervised fine-tuning, LoRA (default) or FullFT (--full), on chat or prompt/completion data.
 
-from regretless.errors import UserError
+Example: regretless sft --model smollm2-135m --data chatterbot --out runs/sft --rank 8 --steps 100
+"""
+
+from __future__ import annotations
+
+from regretless.commands._train_args import add_common, build_config
+from regretless.config import SFTConfig
+
+FLAGS = {"data": "data", "steps": "steps", "epochs": "epochs", "batch_size": "batch_size",
+         "micro_batch_size": "micro_batch_size", "seq_len": "seq_len", "packing": "packing",
+         "eval_every": "eval_every", "save_every": "save_every", "lr_schedule": "lr_schedule",
+         "too_long": "too_long"}
 
 
-def add_arguments(p):
-    pass
+def add_arguments(p) -> None:
+    add_common(p)
+    p.add_argument("--data", help="chat/prompt-completion JSONL, a datasets folder or parquet, or a built-in "
+                                  "name (chatterbot, gsm-symbolic)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs passes over the data)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int, help="sequences per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (gradient accumulation)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--packing", action="store_true", help="pack examples into seq-len rows (padding-free)")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"])
+    p.add_argument("--too-long", choices=["truncate", "skip"], help="what to do with sequences over --seq-len")
 
 
-def run(args):
-    raise UserError("'sft' is not implemented yet")
+def run(args) -> int:
+    from regretless.train import run_sft
+
+    cfg = build_config(SFTConfig, args, FLAGS)
+    summary = run_sft(cfg, resume=args.resume)
+    return 3 if summary["status"] == "diverged" else 0

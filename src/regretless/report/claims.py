@@ -188,16 +188,16 @@ def placement(records: list[RunRecord]) -> dict[str, Any]:
         parts.append(f"r={rk}: attn {attn[rk]['mean']:.4g} vs mlp {mlp[rk]['mean']:.4g}")
         if not mlp[rk]["mean"] < attn[rk]["mean"]:
             problems.append(f"attention-only beats MLP-only at r={rk}")
-    pairs = [(abs(math.log(a["trainable_params"] / m["trainable_params"])), ra, rm)
+    pairs = [(abs(math.log(a["trainable_params"] / m["trainable_params"])), -a["trainable_params"], ra, rm)
              for ra, a in attn.items() for rm, m in mlp.items()
              if a["trainable_params"] and m["trainable_params"] and a["trainable_params"] >= m["trainable_params"]]
-    if pairs:
-        _, ra, rm = min(pairs)
+    for _, _, ra, rm in sorted(pairs):
         a, m_ = attn[ra], mlp[rm]
-        parts.append(f"matched: attn r={ra} ({a['trainable_params']:,} params) {a['mean']:.4g} vs mlp r={rm} "
-                     f"({m_['trainable_params']:,}) {m_['mean']:.4g}")
+        if len(parts) == len(set(attn) & set(mlp)):  # describe the closest (then largest) matched pair
+            parts.append(f"matched: attn r={ra} ({a['trainable_params']:,} params) {a['mean']:.4g} vs mlp "
+                         f"r={rm} ({m_['trainable_params']:,}) {m_['mean']:.4g}")
         if not m_["mean"] < a["mean"]:
-            problems.append(f"attention r={ra} beats MLP r={rm} at >= matched parameters")
+            problems.append(f"attention r={ra} beats MLP r={rm} with at least as many parameters")
     for rk in sorted(set(alls) & set(mlp)):
         parts.append(f"r={rk}: all {alls[rk]['mean']:.4g}")
         if alls[rk]["mean"] > mlp[rk]["mean"] * (1 + PLACEMENT_ALL_TOL):

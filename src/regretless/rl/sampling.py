@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from regretless.lm import target_logprobs
+
 
 @dataclass
 class SampleBatch:
@@ -147,16 +149,19 @@ def completion_logprobs(model: torch.nn.Module, prompts_token_ids: list[list[int
     """Log-prob of each completion token under `model` (temperature 1), with gradient: logp_N_T, 0 at padding.
 
     Row i is prompts_token_ids[i] followed by tokens_N_T[i][mask]. Prompts are left-padded with the same
-    position ids as in `sample`, so an unchanged model reproduces the sampler's log-probs up to float error;
-    only the completion positions' logits are materialized (`logits_to_keep`).
+    position ids as in `sample`, so an unchanged model reproduces the sampler's log-probs up to float error.
+    The LM head runs on completion positions only, in chunks (`regretless.lm.target_logprobs`).
     """
     device = next(model.parameters()).device
     N, T = tokens_N_T.shape
     ids_N_L, attn_N_L = left_pad(prompts_token_ids, pad_token_id)
-    ids_N_S = torch.cat([ids_N_L, tokens_N_T.masked_fill(~mask_N_T, pad_token_id)], dim=1).to(device)
-    attn_N_S = torch.cat([attn_N_L, mask_N_T.long()], dim=1).to(device)
-    out = model(input_ids=ids_N_S, attention_mask=attn_N_S, position_ids=_positions(attn_N_S),
-                use_cache=False, logits_to_keep=T + 1)
-    logits_N_T_V = out.logits[:, :-1].float()  # position L-1+t predicts completion token t
-    logp_N_T = torch.log_softmax(logits_N_T_V, dim=-1).gather(-1, ids_N_S[:, -T:, None].to(device)).squeeze(-1)
-    return logp_N_T * mask_N_T.to(device)
+    L = ids_N_L.shape[1]
+    ids_N_S = torch.cat([ids_N_L, tokens_N_T.masked_fill(~mask_N_T, pad_token_id)], dim=1)
+    attn_N_S = torch.cat([attn_N_L, mask_N_T.long()], dim=1)
+    targets_N_S = torch.full_like(ids_N_S, -100)
+    targets_N_S[:, L - 1:L - 1 + T] = tokens_N_T.masked_fill(~mask_N_T, -100)  # position L-1+t predicts token t
+    batch = {"input_ids": ids_N_S.to(device), "attention_mask": attn_N_S.to(device),
+             "position_ids": _positions(attn_N_S).to(device)}
+    logp_M, _ = target_logprobs(model, batch, targets_N_S.to(device))  # M = masked tokens, row-major
+    logp_N_T = torch.zeros((N, T), dtype=logp_M.dtype, device=device)
+    return logp_N_T.masked_scatter(mask_N_T.to(device), logp_M)

@@ -74,7 +74,7 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
                               mask_B_T.to(device), clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
                               logp_ref_B_T=logp_ref_B_T, num_tokens=max(batch.num_tokens, 1))
         loss.backward()
-        totals["loss"] += float(loss)
+        totals["loss"] += float(loss.detach())
         for k in ("ratio_mean", "clip_frac", "kl"):
             totals[k] += stats[k] * stats["tokens"]
         totals["tokens"] += stats["tokens"]

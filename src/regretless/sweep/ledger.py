@@ -61,6 +61,7 @@ class Ledger:
             con = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
             con.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
             con.execute("PRAGMA journal_mode = WAL")
+            con.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable up to the last checkpoint
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path}: not a regretless ledger ({e})") from None
         con.row_factory = sqlite3.Row

@@ -156,13 +156,15 @@ def finalize(ledger: Ledger, run: RunSpec, rdir: Path, rc: int) -> str:
 
 
 class Progress:
-    """Done/running/failed counts with an ETA (tqdm), plus one line per finished run."""
+    """Done/diverged/running/failed counts with an ETA: a tqdm bar on a terminal, else one line per run."""
 
     def __init__(self, total: int, quiet: bool):
         from tqdm import tqdm
 
-        self.quiet = quiet
-        self.bar = tqdm(total=total, unit="run", file=sys.stderr, disable=quiet, dynamic_ncols=True)
+        self.quiet, self.total, self.t0 = quiet, total, time.time()
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="run", file=sys.stderr, disable=quiet or not self.tty,
+                        dynamic_ncols=True)
         self.counts = {"done": 0, "diverged": 0, "failed": 0, "running": 0}
 
     def started(self) -> None:
@@ -170,12 +172,18 @@ class Progress:
         self._postfix()
 
     def finished(self, run: RunSpec, status: str, seconds: float, error: str | None = None) -> None:
-        self.counts["running"] -= 1
-        self.counts[status] += 1
+        c = self.counts
+        c["running"] -= 1
+        c[status] += 1
+        finished = c["done"] + c["diverged"] + c["failed"]
         if not self.quiet:
-            msg = f"{status:>8} {run.name} [{run.id}] {seconds:.0f}s"
-            if error:
-                msg += f": {error.splitlines()[-1] if error.splitlines() else error}"
+            eta = (time.time() - self.t0) / finished * (self.total - finished)
+            msg = (f"[{finished}/{self.total} done {c['done']} diverged {c['diverged']} failed {c['failed']} "
+                   f"running {c['running']} ETA {int(eta) // 60}:{int(eta) % 60:02d}] {status} {run.name} "
+                   f"({run.id}, {seconds:.0f}s)")
+            lines = (error or "").strip().splitlines()
+            if lines:
+                msg += f": {lines[-1]}"
             self.bar.write(msg, file=sys.stderr)
         self.bar.update(1)
         self._postfix()
@@ -183,7 +191,7 @@ class Progress:
     def _postfix(self) -> None:
         c = self.counts
         self.bar.set_postfix_str(f"done {c['done']} diverged {c['diverged']} running {c['running']} "
-                                 f"failed {c['failed']}", refresh=True)
+                                 f"failed {c['failed']}", refresh=False)
 
     def close(self) -> None:
         self.bar.close()

@@ -236,7 +236,7 @@ def run_id(command: str, cfg: Any) -> str:
 
 def run_name(axes: dict[str, Any]) -> str:
     parts = []
-    for k, v in axes.items():
+    for k, v in sorted(axes.items(), key=lambda kv: kv[0] != "method"):  # method first, then spec order
         if isinstance(v, float):
             v = _short_float(v)
         elif isinstance(v, (list, tuple)):

@@ -1,0 +1,195 @@
+"""The RL loop: policy gradient with verifiable rewards, LoRA or FullFT (`cfg.lora is None`), one code path.
+
+`run_rl(cfg)` reads top to bottom: environment -> model (+ LoRA) -> optimizer -> (resume) -> for each step:
+take `problems_per_step` problems, sample `group_size` completions each from the current policy, grade them,
+backpropagate the importance-sampled PG loss (`rl.step`), clip, AdamW step -> greedy eval every `eval_every`
+steps -> checkpoints, metrics -> final adapter or model. The run plumbing (run folder, model setup, optimizer,
+LR schedule, checkpoints, metrics log, final save) is shared with SFT in `regretless.train`/`runfiles`.
+
+As in the paper: Adam(W), constant LR, group-mean advantages without std division, the sampler's log-probs in
+the importance ratio. Departures: one optimizer step per sampled batch (fully on-policy up to sampler/learner
+numerical differences, so the ratio is ~1; the correction matters for bf16 sampling and any future async
+sampler); grad-norm clipping at 1.0 by default; the KL reference is the base model (adapters off for LoRA, a
+frozen copy for FullFT) and is off by default. Problems are drawn in a seeded shuffled order and every step's
+sampling generator is seeded by (seed, step), so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import sys
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from regretless.config import RLConfig
+from regretless.errors import UserError
+from regretless.lora import adapters_disabled
+from regretless.rl.envs import make_env
+from regretless.rl.evaluate import encode_problems, greedy_eval
+from regretless.rl.step import Reference, policy_gradient_step
+from regretless.runfiles import Checkpointer, MetricsLog, finish_marker, prepare_run_dir, write_summary
+from regretless.train import autocast, build_optimizer, log, lr_multiplier, peak_mem_mb, resolve_lr, save_final, \
+    seed_everything, set_lr, setup_policy
+
+
+def problem_indices(step: int, per_step: int, pool: int, seed: int) -> list[int]:
+    """Indices of the problems used at `step`: consecutive slices of seeded per-epoch shuffles of the pool."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(k, pool)
+        order = list(range(pool))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[i])
+    return out
+
+
+def context_length(model_config: Any) -> int | None:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    n = getattr(text, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def build_reference(model: torch.nn.Module, cfg: RLConfig) -> Reference | None:
+    """The KL reference policy: the base model. LoRA: adapters switched off (no copy). FullFT: a frozen copy."""
+    if cfg.kl_coef <= 0:
+        return None
+    if cfg.lora is not None:
+        return lambda: adapters_disabled(model)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    return lambda: contextlib.nullcontext(frozen)
+
+
+def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
+    """Train; returns the summary (also written to out/summary.json)."""
+    _check_rl(cfg)
+    out = prepare_run_dir(cfg, "rl", resume)
+    if resume and (done := finish_marker(out)):
+        log(f"{out}: finished already ({done['status']}); nothing to do")
+        return done
+    seed_everything(cfg.seed)
+    env = make_env(cfg.env, cfg.seed, cfg.train_size, cfg.eval_size)
+    model, tok, model_path, device, amp, _ = setup_policy(cfg)
+    ctx = context_length(model.config)
+    max_prompt = ctx - cfg.max_new_tokens if ctx else 1 << 30
+    if max_prompt < 1:
+        raise UserError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                        f"context of {ctx} tokens")
+    problems, prompt_ids, dropped = encode_problems(tok, env.train, max_prompt, f"{cfg.env} (train)")
+    eval_problems, eval_ids, eval_dropped = encode_problems(tok, env.eval, max_prompt, f"{cfg.env} (eval)")
+    if dropped or eval_dropped:
+        log(f"dropped {dropped} train and {eval_dropped} eval problems whose prompt plus max_new_tokens="
+            f"{cfg.max_new_tokens} exceeds the context of {ctx} tokens")
+    log(f"env {cfg.env}: {len(problems)} train problems, {len(eval_problems)} eval problems")
+
+    lr = resolve_lr(cfg, model, cfg.steps)
+    optimizer = build_optimizer(model, cfg, lr)
+    reference = build_reference(model, cfg)  # before resuming: the reference is the base model
+    ckpt = Checkpointer(out)
+    state: dict[str, Any] = {"first_eval": None, "last_eval": None, "best_eval": None, "last_reward": None,
+                             "episodes": 0, "wall_s": 0.0}
+    start = 0
+    loaded = ckpt.load_latest(model, optimizer) if resume else None
+    if loaded:
+        start = loaded.pop("step")
+        state.update(loaded)
+        log(f"resumed from step {start}")
+    metrics = MetricsLog(out, keep_until_step=start if loaded else None)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples, lr {lr:.3g}, "
+        f"{'LoRA r=%d' % cfg.lora.rank if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters on {device}")
+    amp_ctx = lambda: autocast(device, amp)  # noqa: E731
+
+    def do_eval() -> dict[str, float]:
+        with amp_ctx():
+            res = greedy_eval(model, tok, env, eval_problems, eval_ids, cfg.max_new_tokens, cfg.stop,
+                              batch_size=max(cfg.micro_batch_size, cfg.problems_per_step * cfg.group_size))
+        state["last_eval"] = res.accuracy
+        state["best_eval"] = res.accuracy if state["best_eval"] is None else max(res.accuracy, state["best_eval"])
+        if state["first_eval"] is None:
+            state["first_eval"] = res.accuracy
+        return {"eval_accuracy": res.accuracy, "eval_frac_no_answer": res.frac_no_answer,
+                "eval_response_len": res.response_len}
+
+    def finish(status: str, step: int) -> dict:
+        summary = {"status": status, "steps": step, "final_reward": state["last_reward"],
+                   "final_eval_accuracy": state["last_eval"], "best_eval_accuracy": state["best_eval"],
+                   "initial_eval_accuracy": state["first_eval"], "trainable_params": trainable, "lr": lr,
+                   "episodes": state["episodes"], "wall_s": round(state["wall_s"], 2),
+                   "lora_rank": cfg.lora.rank if cfg.lora else None}
+        write_summary(out, summary)
+        metrics.close()
+        return summary
+
+    if start == 0 and eval_problems:
+        metrics.write({"step": 0, **do_eval()})
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=cfg.steps, initial=start, desc="rl", file=sys.stderr, dynamic_ncols=True, disable=None,
+               mininterval=1.0)
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        cur_lr = set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg))
+        idx = problem_indices(step, cfg.problems_per_step, len(problems), cfg.seed)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+        m, _ = policy_gradient_step(model, tok, env, [problems[i] for i in idx], [prompt_ids[i] for i in idx],
+                                    cfg, gen, reference, amp_ctx)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        if not (math.isfinite(m["pg_loss"]) and math.isfinite(gnorm)):
+            optimizer.zero_grad(set_to_none=True)
+            bar.close()
+            log(f"step {step + 1}: loss {m['pg_loss']:.4g}, grad norm {gnorm:.4g}: diverged; stopped, last good "
+                "checkpoint kept")
+            return finish("diverged", step)
+        if m["trained_sequences"] > 0:  # all groups constant: no gradient, no step (Adam would still move)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        state["wall_s"] += time.perf_counter() - t0
+        state["episodes"] += cfg.problems_per_step * cfg.group_size
+        state["last_reward"] = m["reward"]
+        rec = {"step": step + 1, **{k: m[k] for k in ("reward", "accuracy", "frac_constant_groups", "response_len",
+                                                       "ratio_mean", "entropy", "sample_tokens_per_s",
+                                                       "train_tokens_per_s")},
+               "lr": cur_lr, "pg_loss": m["pg_loss"], "kl": m["kl"], "clip_frac": m["clip_frac"],
+               "grad_norm": gnorm, "frac_no_answer": m["frac_no_answer"], "frac_stopped": m["frac_stopped"],
+               "episodes": state["episodes"], "peak_mem_mb": round(peak_mem_mb(device), 1)}
+        if eval_problems and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            rec.update(do_eval())
+        if (step + 1) % cfg.log_every == 0 or "eval_accuracy" in rec or step + 1 == cfg.steps:
+            metrics.write(rec)
+        bar.set_postfix(reward=f"{m['reward']:.3f}",
+                        **({"eval": f"{rec['eval_accuracy']:.3f}"} if "eval_accuracy" in rec else {}))
+        bar.update(1)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            ckpt.save(step + 1, model, optimizer, state)
+    bar.close()
+    save_final(model, tok, cfg, out, model_path)
+    ckpt.save(cfg.steps, model, optimizer, state)
+    summary = finish("done", cfg.steps)
+    log(f"done: eval accuracy {state['first_eval']} -> {state['last_eval']}, files in {out}")
+    return summary
+
+
+def _check_rl(cfg: RLConfig) -> None:
+    for name in ("steps", "problems_per_step", "group_size", "max_new_tokens", "micro_batch_size", "eval_every",
+                 "save_every", "log_every", "train_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
+    if cfg.eval_size < 0:
+        raise UserError(f"eval_size: expected >= 0, got {cfg.eval_size}")
+    if cfg.group_size < 2:
+        raise UserError("group_size: expected at least 2 (group-mean advantages of one sample are always 0)")
+    if cfg.temperature < 0:
+        raise UserError(f"temperature: expected >= 0, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"top_p: expected a number in (0, 1], got {cfg.top_p}")
+    if cfg.clip_eps is not None and not cfg.clip_eps > 0:
+        raise UserError(f"clip_eps: expected a positive number or null, got {cfg.clip_eps}")
+    if cfg.kl_coef < 0:
+        raise UserError(f"kl_coef: expected >= 0, got {cfg.kl_coef}")

@@ -1,0 +1,293 @@
+"""One trainer for LoRA and FullFT. `cfg.lora is None` means FullFT; nothing else differs.
+
+`run_sft(cfg)` reads top to bottom: data -> model (+ LoRA) -> optimizer -> (resume) -> loop of optimizer steps,
+each over `batch_size` sequences split into micro-batches -> eval, checkpoints, metrics -> final adapter or model.
+The plumbing above the loop (`setup_policy`, `build_optimizer`, `resolve_lr`, `lr_multiplier`, `save_final`) is
+shared with the RL loop in `regretless.rl.loop`.
+
+Protocol as in the paper: AdamW, constant LR, no warm-up by default, β = (0.9, 0.95), ε = 1e-8; LR from the
+recipe unless given. The loss of a step is the mean NLL over all trained tokens of the whole batch (token-weighted
+across micro-batches, not a mean of micro-batch means). Departure: grad-norm clipping at 1.0 by default (the
+paper does not say; set grad_clip=0 to turn it off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from regretless import lm
+from regretless.config import SFTConfig
+from regretless.errors import UserError
+from regretless.lora import apply_lora, param_groups, save_adapter
+from regretless.models import default_device, load_model
+from regretless.runfiles import Checkpointer, MetricsLog, finish_marker, prepare_run_dir, save_atomically, \
+    write_summary
+
+
+def log(msg: str) -> None:
+    print(f"[regretless] {msg}", file=sys.stderr, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_policy(cfg: Any):
+    """(model, tokenizer, model_path, device, autocast_dtype, lora_report). LoRA bases load in bf16 on CUDA
+    (frozen), FullFT keeps fp32 master weights; both compute under bf16 autocast on CUDA."""
+    device = default_device(cfg.device)
+    if cfg.dtype not in ("auto", "fp32", "bf16"):
+        raise UserError(f"dtype: expected auto, fp32 or bf16, got {cfg.dtype!r}")
+    amp = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")) else None
+    weights = torch.bfloat16 if (amp is not None and cfg.lora is not None and device.type == "cuda") else torch.float32
+    model, tok, path = load_model(cfg.model, device=device, dtype=weights)
+    torch.manual_seed(cfg.seed)  # LoRA A init depends on the seed only
+    report = None
+    if cfg.lora is not None:
+        report = apply_lora(model, cfg.lora)
+        log("LoRA coverage:\n" + report.table())
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return model, tok, path, device, amp, report
+
+
+def resolve_lr(cfg: Any, model, steps: int | None) -> float:
+    if cfg.lr is not None:
+        if not cfg.lr > 0:
+            raise UserError(f"lr: expected a positive number, got {cfg.lr}")
+        return cfg.lr
+    from regretless.recipe import default_lr
+
+    lr, reason = default_lr(model.config, "lora" if cfg.lora is not None else "full", steps)
+    log(f"lr = {lr:.3g} from the recipe: {reason}")
+    return lr
+
+
+def build_optimizer(model, cfg: Any, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, lr, cfg.lora.lr_b_mult if cfg.lora else 1.0, cfg.weight_decay)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused or None)
+
+
+def lr_multiplier(step: int, total: int, cfg: Any) -> float:
+    """Multiplier of the base LR at optimizer step `step` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return max(0.0, 1.0 - frac)
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    raise UserError(f"lr_schedule: expected constant, linear or cosine, got {cfg.lr_schedule!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, mult: float) -> float:
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * mult
+    return optimizer.param_groups[0]["lr"]
+
+
+def save_final(model, tok, cfg: Any, out: Path, model_path: Path) -> None:
+    if cfg.lora is not None:
+        save_adapter(model, out / "adapter", cfg.lora, base_model=str(model_path))
+    else:
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        save_atomically(out, "model", write)
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, amp: torch.dtype | None, model) -> dict:
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    mask = out.get("attention_mask")
+    if mask is not None and mask.dim() == 4:  # packed rows: an additive float mask in the compute dtype
+        out["attention_mask"] = mask.to(amp or next(model.parameters()).dtype)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, eval_batches: list[dict], device, amp) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for b in eval_batches:
+        with autocast(device, amp):
+            s, k = lm.nll_sum(model, to_device(b, device, amp, model))
+        total, n = total + s.item(), n + k
+    return total / max(n, 1)
+
+
+def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
+    """Train; returns the summary (also written to out/summary.json)."""
+    from regretless import data
+
+    _check_sft(cfg)
+    out = prepare_run_dir(cfg, "sft", resume)
+    if resume and (done := finish_marker(out)):
+        log(f"{out}: finished already ({done['status']}); nothing to do")
+        return done
+    seed_everything(cfg.seed)
+    model, tok, model_path, device, amp, report = setup_policy(cfg)
+
+    examples = data.load_examples(cfg.data, seed=cfg.seed)
+    train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_size, cfg.seed)
+    train_tok, stats = data.tokenize(train_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (train)")
+    eval_tok, eval_stats = data.tokenize(eval_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (eval)")
+    log(stats.summary())
+    log(eval_stats.summary())
+    if not train_tok:
+        raise UserError(f"{cfg.data}: no training examples left after tokenization")
+    micro = cfg.micro_batch_size or cfg.batch_size
+    accum = math.ceil(cfg.batch_size / micro)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    per_epoch = data.count_batches(train_tok, micro, cfg.seq_len, cfg.packing, cfg.seed, 0) // accum
+    if per_epoch == 0:
+        raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(train_tok)} examples)")
+    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * per_epoch))
+    eval_batches = list(data.batches(eval_tok, micro, cfg.seq_len, cfg.packing, pad, cfg.seed, 0))
+
+    lr = resolve_lr(cfg, model, total)
+    optimizer = build_optimizer(model, cfg, lr)
+    ckpt = Checkpointer(out)
+    state = {"epoch": 0, "micro_in_epoch": 0, "tokens": 0, "first_loss": None, "best_eval": None,
+             "last_eval": None, "wall_s": 0.0}
+    start = 0
+    loaded = ckpt.load_latest(model, optimizer) if resume else None
+    if loaded:
+        start = loaded.pop("step")
+        state.update(loaded)
+        log(f"resumed from step {start}")
+    metrics = MetricsLog(out, keep_until_step=start if loaded else None)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{total} steps of {cfg.batch_size} sequences ({accum} x {micro}), lr {lr:.3g}, "
+        f"{'LoRA r=%d' % cfg.lora.rank if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters on {device}")
+
+    def micro_batches():
+        epoch, skip = state["epoch"], state["micro_in_epoch"]
+        while True:
+            for i, b in enumerate(data.batches(train_tok, micro, cfg.seq_len, cfg.packing, pad, cfg.seed, epoch)):
+                if i < skip:
+                    continue
+                state["epoch"], state["micro_in_epoch"] = epoch, i + 1
+                yield b
+            epoch, skip = epoch + 1, 0
+            state["epoch"], state["micro_in_epoch"] = epoch, 0
+
+    def finish(status: str, step: int) -> dict:
+        summary = {"status": status, "steps": step, "final_loss": last_loss, "final_eval_loss": state["last_eval"],
+                   "best_eval_loss": state["best_eval"], "trainable_params": trainable, "lr": lr,
+                   "tokens": state["tokens"], "wall_s": round(state["wall_s"], 2),
+                   "lora_rank": cfg.lora.rank if cfg.lora else None}
+        write_summary(out, summary)
+        metrics.close()
+        return summary
+
+    def do_eval(step: int) -> float:
+        ev = evaluate(model, eval_batches, device, amp)
+        state["last_eval"] = ev
+        state["best_eval"] = ev if state["best_eval"] is None else min(ev, state["best_eval"])
+        return ev
+
+    if start == 0 and eval_batches:
+        metrics.write({"step": 0, "eval_loss": do_eval(0), "tokens": 0})
+    it = micro_batches()
+    last_loss = None
+    bar = tqdm(total=total, initial=start, desc="sft", file=sys.stderr, dynamic_ncols=True,
+               disable=None, mininterval=1.0)
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        model.train()
+        cur_lr = set_lr(optimizer, lr_multiplier(step, total, cfg))
+        parts = [to_device(next(it), device, amp, model) for _ in range(accum)]
+        n_tok = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts)
+        loss_sum = 0.0
+        for b in parts:
+            with autocast(device, amp):
+                s, _ = lm.nll_sum(model, b)
+            (s / max(n_tok, 1)).backward()
+            loss_sum += s.item()
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loss = loss_sum / max(n_tok, 1)
+        if state["first_loss"] is None:
+            state["first_loss"] = loss
+        if not math.isfinite(loss) or loss > cfg.divergence_factor * state["first_loss"]:
+            optimizer.zero_grad(set_to_none=True)
+            bar.close()
+            log(f"step {step + 1}: loss {loss:.4g} diverged (first loss {state['first_loss']:.4g}); stopped, "
+                f"last good checkpoint kept")
+            last_loss = loss if math.isfinite(loss) else None
+            return finish("diverged", step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        seen = sum(int(p["input_ids"].numel() if p.get("attention_mask") is None or p["attention_mask"].dim() == 4
+                       else p["attention_mask"].sum()) for p in parts)
+        state["tokens"] += n_tok
+        state["wall_s"] += dt
+        last_loss = loss
+        rec = {"step": step + 1, "loss": loss, "lr": cur_lr, "tokens": state["tokens"], "grad_norm": float(gnorm),
+               "tokens_per_s": seen / dt, "peak_mem_mb": round(peak_mem_mb(device), 1),
+               "epoch": round(state["epoch"] + state["micro_in_epoch"] / max(1, per_epoch * accum), 4)}
+        if eval_batches and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
+            rec["eval_loss"] = do_eval(step + 1)
+        if (step + 1) % cfg.log_every == 0 or "eval_loss" in rec or step + 1 == total:
+            metrics.write(rec)
+        bar.set_postfix(loss=f"{loss:.3f}", **({"eval": f"{rec['eval_loss']:.3f}"} if "eval_loss" in rec else {}))
+        bar.update(1)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            ckpt.save(step + 1, model, optimizer, state)
+    bar.close()
+    save_final(model, tok, cfg, out, model_path)
+    ckpt.save(total, model, optimizer, state)
+    summary = finish("done", total)
+    log(f"done: final loss {last_loss:.4f}, eval loss {state['last_eval']}, files in {out}")
+    return summary
+
+
+def _check_sft(cfg: SFTConfig) -> None:
+    for name in ("batch_size", "seq_len", "eval_every", "save_every", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise UserError(f"steps: expected a positive integer, got {cfg.steps}")
+    if cfg.micro_batch_size is not None and cfg.micro_batch_size < 1:
+        raise UserError(f"micro_batch_size: expected a positive integer, got {cfg.micro_batch_size}")
+    if cfg.too_long not in ("truncate", "skip"):
+        raise UserError(f"too_long: expected truncate or skip, got {cfg.too_long!r}")
+    if cfg.eval_size < 0:
+        raise UserError(f"eval_size: expected >= 0, got {cfg.eval_size}")
+
+
+__all__ = ["run_sft", "setup_policy", "build_optimizer", "resolve_lr", "lr_multiplier", "set_lr", "save_final",
+           "evaluate", "autocast", "to_device", "seed_everything", "log"]

@@ -1,0 +1,102 @@
+"""A stand-in trainer for sweep tests (the real `regretless sft` is tested end to end elsewhere), and a
+synthetic loss model for report tests.
+
+`FAKE_TRAINER` is a real Python script, run as a real subprocess by the sweep runner. It follows the run-folder
+contract (config.yaml in, metrics.jsonl + summary.json out, --resume, exit 0/3) and reads its behaviour from
+the config's `model` field: `fail` exits 1 with a message on stderr, `diverge` exits 3, `crash_once` dies
+half-way on its first attempt and finishes on resume, `slow` sleeps per step, anything else just trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+FAKE_TRAINER = r'''
+import argparse, json, os, sys, time
+from pathlib import Path
+import yaml
+
+p = argparse.ArgumentParser()
+p.add_argument("command"); p.add_argument("--config"); p.add_argument("--out"); p.add_argument("--resume", action="store_true")
+a = p.parse_args()
+cfg = yaml.safe_load(open(a.config))
+out = Path(a.out)
+metrics = out / "metrics.jsonl"
+done = len(metrics.read_text().splitlines()) if (a.resume and metrics.exists()) else 0
+with open(out / "attempts.log", "a") as f:
+    f.write(f"start={done} threads={os.environ.get('OMP_NUM_THREADS')}\n")
+model, steps, lr = cfg["model"], cfg.get("steps") or 10, cfg.get("lr") or 1e-3
+if model == "fail":
+    print("Traceback (most recent call last):\nValueError: boom, the data set is empty", file=sys.stderr)
+    sys.exit(1)
+for step in range(done + 1, steps + 1):
+    if model == "crash_once" and step == steps // 2 and not (out / "crashed").exists():
+        (out / "crashed").write_text("1")
+        print("killed half-way", file=sys.stderr)
+        sys.exit(137)
+    if model == "slow":
+        time.sleep(0.05)
+    loss = 3.0 / (1 + step * lr * 100) + 0.01 * cfg.get("seed", 0)
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+    if model == "diverge" and step == 3:
+        json.dump({"status": "diverged", "steps": step, "final_loss": None, "lr": lr}, open(out / "summary.json", "w"))
+        sys.exit(3)
+json.dump({"status": "done", "steps": steps, "final_loss": loss, "final_eval_loss": None, "best_eval_loss": None,
+           "trainable_params": 1000, "lr": lr, "wall_s": 0.1}, open(out / "summary.json", "w"))
+'''
+
+
+def write_fake_trainer(tmp: Path) -> list[str]:
+    """Write the script; returns the launcher argv template for run_sweep."""
+    path = tmp / "fake_trainer.py"
+    path.write_text(FAKE_TRAINER)
+    return [sys.executable, str(path), "{command}", "--config", "{config}", "--out", "{out}", "--resume"]
+
+
+# -- synthetic run folders for report tests ----------------------------------------------------------------
+def synthetic_loss(step: int, cfg: dict, ratio: float = 10.0, low_rank_falls_off: bool = True,
+                   attn_worse: bool = True, batch_gap: bool = True) -> float:
+    """Loss linear in log(step) for FullFT; LoRA optimum at `ratio` x FullFT's LR; low ranks fall off."""
+    lora = cfg.get("lora")
+    lr = cfg["lr"]
+    lr_opt = 1e-4 * (ratio if lora else 1.0)
+    base = 3.0 - 0.3 * math.log(step) + 0.4 * math.log10(lr / lr_opt) ** 2
+    if lora:
+        rank, t = lora["rank"], lora.get("targets", "all")
+        if low_rank_falls_off:
+            base += 0.15 * max(0.0, math.log(step / (2.0 * rank)))
+        if attn_worse and t == "attn":
+            base += 0.2
+        if batch_gap:
+            base += 0.05 * max(0.0, math.log2(cfg.get("batch_size", 8) / 8))
+    return base + 0.005 * cfg.get("seed", 0)
+
+
+def write_run(root: Path, run_id: str, command: str, cfg: dict, metrics: list[dict], status: str = "done",
+              tags: tuple[str, ...] = (), trainable_params: int = 1000) -> Path:
+    """A run folder as the trainer writes it, registered in root/ledger.sqlite."""
+    from regretless.sweep.ledger import Ledger
+
+    folder = root / "runs" / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"command": command, **cfg}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    last = metrics[-1] if metrics else {}
+    summary = {"status": status, "steps": last.get("step", 0), "final_loss": last.get("loss"),
+               "final_reward": last.get("reward"), "trainable_params": trainable_params, "lr": cfg.get("lr"),
+               "wall_s": 1.0}
+    if status in ("done", "diverged"):
+        (folder / "summary.json").write_text(json.dumps(summary))
+    ledger = Ledger(root / "ledger.sqlite")
+    ledger.add_run(run_id, run_id, command, cfg, {}, f"runs/{run_id}", tags)
+    if status in ("done", "diverged"):
+        ledger.record_summary(run_id, summary)
+    elif status == "failed":
+        ledger.record_failure(run_id, "exit code 1\nValueError: boom")
+    return folder
