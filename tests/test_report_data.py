@@ -18,8 +18,9 @@ def sft_cfg(lora_rank: int | None, lr: float, seed: int, **kw) -> dict:
 
 def _sft_run(root: Path, cfg: dict, tags: tuple, params: int = 1000, **loss_kw) -> None:
     metrics = [{"step": s, "loss": synthetic_loss(s, cfg, **loss_kw), "lr": cfg["lr"]} for s in range(1, STEPS + 1)]
-    rid = f"{'full' if cfg['lora'] is None else 'r%d' % cfg['lora']['rank']}-{cfg.get('lora') and cfg['lora']['targets']}" \
-          f"-lr{cfg['lr']:.2e}-bs{cfg['batch_size']}-s{cfg['seed']}"
+    lora = cfg["lora"]
+    cond = "full" if lora is None else f"r{lora['rank']}-{lora['targets']}"
+    rid = f"{cond}-lr{cfg['lr']:.2e}-bs{cfg['batch_size']}-s{cfg['seed']}"
     write_run(root, rid, "sft", cfg, metrics, tags=tags, trainable_params=params)
 
 

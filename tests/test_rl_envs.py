@@ -31,7 +31,8 @@ def test_unknown_task_lists_valid_ones():
 
 
 def _write_jsonl(path, n):
-    path.write_text("\n".join(json.dumps({"prompt": f"What is {i}+1?", "answer": str(i + 1)}) for i in range(n)))
+    lines = [json.dumps({"prompt": f"What is {i}+1?", "answer": str(i + 1)}) for i in range(n)]
+    path.write_text("\n".join(lines))
 
 
 def test_jsonl_env(tmp_path):

@@ -28,7 +28,8 @@ def test_kv_cache_greedy_matches_full_recompute(tiny_tokenizer):
     for cfg in (tiny_llama_config(), tiny_qwen3_moe_config()):
         model = build_model(cfg)
         prompts = _prompts(tiny_tokenizer)
-        batch = sample(model, tiny_tokenizer, prompts, n=2, max_new_tokens=10, temperature=0.0, eos_token_ids=[])
+        batch = sample(model, tiny_tokenizer, prompts, n=2, max_new_tokens=10, temperature=0.0,
+                       eos_token_ids=[])
         assert batch.tokens_N_T.shape == (6, 10) and batch.mask_N_T.all()
         for i, p in enumerate(prompts):
             toks, logps = _greedy_by_recompute(model, p, 10)
@@ -41,7 +42,8 @@ def test_eos_ends_rows_and_others_continue(tiny_tokenizer, tiny_llama):
     prompts = _prompts(tiny_tokenizer)
     ref = [_greedy_by_recompute(tiny_llama, p, 8)[0] for p in prompts]
     eos = ref[0][2]  # row 0 stops at step 3 (or earlier if the token repeats)
-    batch = sample(tiny_llama, tiny_tokenizer, prompts, n=1, max_new_tokens=8, temperature=0.0, eos_token_ids=[eos])
+    batch = sample(tiny_llama, tiny_tokenizer, prompts, n=1, max_new_tokens=8, temperature=0.0,
+                   eos_token_ids=[eos])
     for row, toks in enumerate(ref):
         end = toks.index(eos) + 1 if eos in toks else 8
         assert batch.lengths_N[row] == end and bool(batch.stopped_N[row]) == (eos in toks)
@@ -52,7 +54,8 @@ def test_eos_ends_rows_and_others_continue(tiny_tokenizer, tiny_llama):
 
 def test_stop_string_ends_row_and_is_cut_from_text(tiny_tokenizer, tiny_llama):
     prompts = _prompts(tiny_tokenizer)[:1]
-    free = sample(tiny_llama, tiny_tokenizer, prompts, n=1, max_new_tokens=12, temperature=0.0, eos_token_ids=[])
+    free = sample(tiny_llama, tiny_tokenizer, prompts, n=1, max_new_tokens=12, temperature=0.0,
+                  eos_token_ids=[])
     text = free.texts[0]
     stop = text[4:7]
     assert stop
@@ -78,8 +81,11 @@ def test_sampled_logprobs_match_fresh_forward(tiny_tokenizer, tiny_llama):
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_tokenizer, tiny_llama):
     prompts = _prompts(tiny_tokenizer)
-    a = sample(tiny_llama, tiny_tokenizer, prompts, n=3, max_new_tokens=6, generator=torch.Generator().manual_seed(1))
-    b = sample(tiny_llama, tiny_tokenizer, prompts, n=3, max_new_tokens=6, generator=torch.Generator().manual_seed(1))
+    def draw(seed):
+        return sample(tiny_llama, tiny_tokenizer, prompts, n=3, max_new_tokens=6,
+                      generator=torch.Generator().manual_seed(seed))
+
+    a, b = draw(1), draw(1)
     assert torch.equal(a.tokens_N_T, b.tokens_N_T)
     greedy = sample(tiny_llama, tiny_tokenizer, prompts, n=2, max_new_tokens=6, temperature=0.0)
     nucleus = sample(tiny_llama, tiny_tokenizer, prompts, n=2, max_new_tokens=6, top_p=1e-6,

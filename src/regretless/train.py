@@ -154,11 +154,10 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     if resume and (done := finish_marker(out)):
         log(f"{out}: finished already ({done['status']}); nothing to do")
         return done
+    examples = data.load_examples(cfg.data, seed=cfg.seed)  # bad data fails before the model loads
+    train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_size, cfg.seed)
     seed_everything(cfg.seed)
     model, tok, model_path, device, amp, report = setup_policy(cfg)
-
-    examples = data.load_examples(cfg.data, seed=cfg.seed)
-    train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_size, cfg.seed)
     train_tok, stats = data.tokenize(train_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (train)")
     eval_tok, eval_stats = data.tokenize(eval_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (eval)")
     log(stats.summary())

@@ -146,7 +146,7 @@ def find_targets(model: nn.Module, cfg: LoRAConfig) -> list[Target]:
     if unmatched:
         names = sorted({n for n, _, _ in candidates(model)})
         shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
-        raise UserError(f"lora.targets: {sorted(unmatched)[0]!r} matches no module; modules that exist: "
+        raise UserError(f"lora.targets: {min(unmatched)!r} matches no module; modules that exist: "
                         f"{shown} (or presets {', '.join(PRESETS)})")
     return found
 

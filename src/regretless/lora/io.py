@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 
 from regretless.errors import UserError
 from regretless.lora.config import LoRAConfig
-from regretless.lora.experts import LoRAExperts, expert_dims, is_fused_experts
+from regretless.lora.experts import EXPERT_PARAMS, LoRAExperts, expert_dims, is_fused_experts
 from regretless.lora.inject import Target, apply_lora, lora_modules
 from regretless.lora.layer import LoRALinear
 
@@ -112,6 +113,8 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{cfg_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{cfg_file}: not a text file; expected a JSON adapter config") from None
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{cfg_file}: expected a LoRA adapter config (peft_type LORA)")
     for key, bad in (("use_dora", True), ("lora_bias", True)):
@@ -119,6 +122,13 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise UserError(f"{cfg_file}: {key}={bad} is not supported; expected plain LoRA")
     if config.get("modules_to_save"):
         raise UserError(f"{cfg_file}: modules_to_save={config['modules_to_save']} is not supported")
+    for key, default in (("r", 8), ("lora_alpha", 8)):
+        v = config.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise UserError(f"{cfg_file}: {key}={v!r}; expected a positive number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise UserError(f"{cfg_file}: {key} must be a mapping of module patterns to numbers")
     try:
         weights = load_file(str(w_file))
     except (SafetensorError, OSError, ValueError) as e:
@@ -126,31 +136,55 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, weights
 
 
-def _strip(key: str) -> str:
-    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight"):
-        if key.endswith(suffix):
-            return key[: -len(suffix)]
+def _split_key(key: str) -> tuple[str, str]:
+    """(tensor prefix without `base_model.model.`, "A" or "B") of an adapter tensor name."""
+    key = key.removeprefix(PREFIX)
+    for ab in ("A", "B"):
+        for suffix in (f".lora_{ab}.weight", f".lora_{ab}.default.weight"):
+            if key.endswith(suffix):
+                return key[: -len(suffix)], ab
     raise UserError(f"unexpected tensor {key!r} in adapter; expected only lora_A/lora_B weights")
 
 
+def _pattern_value(patterns: dict, key: str, default: float) -> float:
+    r"""PEFT's rank_pattern/alpha_pattern rule (peft.utils.other.get_pattern_key): first pattern p with
+    re.match(rf"(.*\.)?({p})$", key) wins."""
+    for p, v in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({p})$", key):
+                return v
+        except re.error:
+            continue
+    return default
+
+
 def load_adapter(model: nn.Module, path: str | Path, verbose: bool = False) -> LoRAConfig:
-    """Attach the adapter saved at `path` (by regretless or PEFT) to a fresh base model, in place."""
-    config, weights = read_adapter(path)
+    """Attach the adapter saved at `path` (by regretless or PEFT) to a fresh base model, in place.
+    Everything is checked against the model before it is touched: on a UserError the model is unchanged."""
+    config, raw = read_adapter(path)
     where = Path(path) / WEIGHTS_NAME
+    if any(True for _ in lora_modules(model)):
+        raise UserError("the model already has LoRA adapters; load the adapter into a fresh base model")
     alpha = float(config.get("lora_alpha", 8))
-    alpha_pattern = config.get("alpha_pattern") or {}
     rank = int(config.get("r", 8))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
     cfg = LoRAConfig(rank=rank, alpha=alpha, targets="all", rslora=bool(config.get("use_rslora", False)))
-    modules = {}  # module path -> list of tensor prefixes
-    for key in weights:
-        prefix = _strip(key)
+    weights: dict[str, torch.Tensor] = {}  # canonical keys: base_model.model.<prefix>.lora_{A,B}.weight
+    modules: dict[str, set[str]] = {}  # module path -> tensor prefixes (one per adapted expert parameter)
+    for key, t in raw.items():
+        prefix, ab = _split_key(key)
+        weights[f"{PREFIX}{prefix}.lora_{ab}.weight"] = t
         mod = prefix
         while mod.endswith(".base_layer"):
             mod = mod[: -len(".base_layer")]
         modules.setdefault(mod, set()).add(prefix)
-    targets: list[Target] = []
-    expert_params: dict[str, list[str]] = {}
+    for prefix in {p for ps in modules.values() for p in ps}:
+        for ab in ("A", "B"):
+            if f"{PREFIX}{prefix}.lora_{ab}.weight" not in weights:
+                raise UserError(f"{where}: {prefix} has no lora_{ab} weight; expected both lora_A and lora_B")
+    wanted = [str(p) for p in (config.get("target_parameters") or [])]
+    targets: list[tuple[str, Target]] = []  # (tensor key prefix, target)
     for mod in sorted(modules):
         try:
             m = model.get_submodule(mod)
@@ -158,50 +192,73 @@ def load_adapter(model: nn.Module, path: str | Path, verbose: bool = False) -> L
             raise UserError(f"{where}: adapter targets {mod!r}, which this model does not have "
                             "(adapter saved for another base model?)") from None
         if isinstance(m, nn.Linear):
-            targets.append(Target(mod, "adapter", None, m.in_features, m.out_features, 1,
-                                  weights[PREFIX + mod + ".lora_A.weight"].shape[0]))
+            targets.append((PREFIX + mod, Target(mod, "adapter", None, m.in_features, m.out_features, 1,
+                                                 weights[f"{PREFIX}{mod}.lora_A.weight"].shape[0])))
         elif is_fused_experts(m):
-            names = [n for n, _ in m.named_parameters(recurse=False)]
-            wanted = [p.split(".")[-1] for p in (config.get("target_parameters") or [])]
-            adapted = [n for n in names if n in ("gate_up_proj", "down_proj")
-                       and (not wanted or n in wanted)][: len(modules[mod])]
-            expert_params[mod] = adapted
+            # PEFT's rule: a target_parameters entry matches `<module>.<param>` exactly or as a dotted suffix
+            adapted = [n for n, _ in m.named_parameters(recurse=False) if n in EXPERT_PARAMS and (not wanted or any(
+                f"{mod}.{n}" == w or f"{mod}.{n}".endswith("." + w) for w in wanted))]
+            if len(adapted) != len(modules[mod]):
+                raise UserError(f"{where}: {len(modules[mod])} adapted parameter(s) of {mod!r} in the file, but "
+                                f"target_parameters selects {adapted or 'none'} of this model's experts")
             for p in adapted:
                 E, d_in, d_out = expert_dims(m, p)
-                a = weights[f"{_expert_key(mod, adapted, p)}.lora_A.weight"]
-                targets.append(Target(mod, "experts", p, d_in, d_out, E, a.shape[0] // E))
+                key = _expert_key(mod, adapted, p)
+                if f"{key}.lora_A.weight" not in weights:
+                    raise UserError(f"{where}: no weights for {mod}.{p} at {key}; expected PEFT's nesting of the "
+                                    f"adapted parameters {adapted}")
+                rows = weights[f"{key}.lora_A.weight"].shape[0]
+                if rows % E:
+                    raise UserError(f"{where}: {mod}.{p} has {rows} lora_A rows, not a multiple of this model's "
+                                    f"{E} experts (adapter saved for another base model?)")
+                targets.append((key, Target(mod, "experts", p, d_in, d_out, E, rows // E)))
         else:
             raise UserError(f"{where}: adapter targets {mod!r} ({type(m).__name__}), which regretless cannot adapt")
-    apply_lora(model, cfg, targets=targets, verbose=verbose)
-    for (pattern, a) in alpha_pattern.items():  # PEFT: per-module alpha overrides
-        for name, m in lora_modules(model):
-            if name == pattern or name.endswith("." + pattern):
-                if isinstance(m, LoRALinear):
-                    m.scale = cfg.scale(m.rank) * a / alpha
-    _copy_weights(model, weights, where)
+    for key, t in targets:
+        path = f"{t.name}.{t.param}" if t.param else t.name
+        want = int(_pattern_value(rank_pattern, path, rank))
+        if t.rank != want:
+            raise UserError(f"{where}: {path} has rank {t.rank} in the file, but adapter_config.json says {want} "
+                            "(adapter saved for another base model?)")
+        _check_shapes(key, t, weights, where)
+    apply_lora(model, cfg, targets=[t for _, t in targets], verbose=verbose)
+    for name, m in lora_modules(model):  # PEFT: per-module alpha overrides
+        if isinstance(m, LoRALinear):
+            m.scale = cfg.scale(m.rank) * float(_pattern_value(alpha_pattern, name, alpha)) / alpha
+        else:
+            for p in m.adapted:
+                a = float(_pattern_value(alpha_pattern, f"{name}.{p}", alpha))
+                m.scales[p] = cfg.scale(m.ranks[p]) * a / alpha
+    _copy_weights(model, weights)
     return cfg
 
 
-def _copy_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
-    def put(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
-        if tuple(dst.shape) != tuple(src.shape):
-            raise UserError(f"{where}: tensor {key} has shape {tuple(src.shape)}, expected {tuple(dst.shape)} "
-                            "for this base model")
-        dst.copy_(src.to(dst.dtype))
+def _check_shapes(key: str, t: Target, weights: dict[str, torch.Tensor], where: Path) -> None:
+    """PEFT's shapes for one target: dense A (r, d_in), B (d_out, r); experts A (E·r, d_in), B (d_out, r·E)."""
+    n = t.n_experts * t.rank
+    for ab, want in (("A", (n, t.d_in)), ("B", (t.d_out, n))):
+        got = tuple(weights[f"{key}.lora_{ab}.weight"].shape)
+        if got != want:
+            raise UserError(f"{where}: tensor {key}.lora_{ab}.weight has shape {got}, expected {want} for this "
+                            "base model (adapter saved for another base model?)")
 
+
+def _copy_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy (already shape-checked) PEFT-layout tensors into the wrappers."""
     with torch.no_grad():
         for name, m in lora_modules(model):
             if isinstance(m, LoRALinear):
                 for ab in ("A", "B"):
-                    key = f"{PREFIX}{name}.lora_{ab}.weight"
-                    put(getattr(m, f"lora_{ab}"), weights[key].to(m.lora_A.device), key)
+                    dst = getattr(m, f"lora_{ab}")
+                    dst.copy_(weights[f"{PREFIX}{name}.lora_{ab}.weight"].to(dst.device, dst.dtype))
             else:
                 for p in m.adapted:
                     k = _expert_key(name, m.adapted, p)
-                    A, B = weights[f"{k}.lora_A.weight"], weights[f"{k}.lora_B.weight"]
+                    A, B = weights[f"{k}.lora_A.weight"], weights[f"{k}.lora_B.weight"]  # (E·r, in), (out, r·E)
                     E, r = m.num_experts, m.ranks[p]
-                    put(m.lora_A(p), A.reshape(E, r, -1), f"{k}.lora_A.weight")
-                    put(m.lora_B(p), B.reshape(B.shape[0], r, E).permute(2, 0, 1), f"{k}.lora_B.weight")
+                    m.lora_A(p).copy_(A.reshape(E, r, -1).to(m.lora_A(p).device, m.lora_A(p).dtype))
+                    m.lora_B(p).copy_(B.reshape(B.shape[0], r, E).permute(2, 0, 1).to(m.lora_B(p).device,
+                                                                                      m.lora_B(p).dtype))
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -219,6 +276,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for name, m in list(lora_modules(model)):
         if merge:
             m.merge()
+        else:
+            m.unmerge()  # a plain base model: drop a merge done earlier
         m._backup = {} if isinstance(m, LoRAExperts) else None
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base_layer)

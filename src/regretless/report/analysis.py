@@ -209,7 +209,7 @@ def group(records: Iterable[RunRecord], key: Callable[[RunRecord], Any]) -> dict
 
 
 def series(r: RunRecord, metric: str, smooth: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of one metric, finite values only, trailing moving average over `smooth` points."""
+    """(steps, values) of one metric, finite values only, trailing moving average over <= `smooth` points."""
     pts = [(m["step"], m[metric]) for m in r.metrics
            if "step" in m and isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
     if not pts:
@@ -218,7 +218,8 @@ def series(r: RunRecord, metric: str, smooth: int = 1) -> tuple[np.ndarray, np.n
     if smooth > 1:
         c = np.cumsum(np.insert(vals, 0, 0.0))
         idx = np.arange(1, len(vals) + 1)
-        lo = np.maximum(0, idx - smooth)
+        # the window grows with the step (at most a fifth of it), so early points on a log-x plot stay sharp
+        lo = idx - np.minimum(smooth, 1 + idx // 5)
         vals = (c[idx] - c[lo]) / (idx - lo)
     return steps, vals
 

@@ -111,8 +111,8 @@ def fig_lr_curves(records: list[RunRecord], stem: Path, metric: str | None = Non
     return _save(fig, stem)
 
 
-def _best_line(ax, best: dict, xs: list, method: str, color, label: str, xkey: Callable = lambda b: b) -> None:
-    pts = [(xkey(x), best[(method, x)]) for x in xs if (method, x) in best]
+def _best_line(ax, best: dict, xs: list, cond: str, color, label: str) -> None:
+    pts = [(x, best[(cond, x)]) for x in xs if (cond, x) in best]
     if not pts:
         return
     x = np.array([p[0] for p in pts], dtype=float)
@@ -121,17 +121,17 @@ def _best_line(ax, best: dict, xs: list, method: str, color, label: str, xkey: C
 
 
 def fig_batch(records: list[RunRecord], stem: Path, metric: str | None = None) -> list[Path]:
-    """(3) Best-LR final loss vs batch size, LoRA (highest rank) vs FullFT."""
-    top = max((r.rank for r in records if r.rank is not None), default=None)
-    recs = [r for r in records if r.method == "full" or r.rank == top]
-    metric = metric or A.pick_metric(recs, "sft")
-    best = A.best_per_condition(recs, metric, key=lambda r: (r.method, r.batch_size))
+    """(3) Best-LR final loss vs batch size, each LoRA rank vs FullFT."""
+    metric = metric or A.pick_metric(records, "sft")
+    best = A.best_per_condition(records, metric, key=lambda r: (A.condition(r), r.batch_size))
     sizes = sorted({b for (_, b) in best if b is not None})
     if not sizes:
         return []
+    conds = sorted({c for c, _ in best}, key=A.condition_order)
+    colors = _colors(conds)
     fig, ax = _figure()
-    _best_line(ax, best, sizes, "full", FULL_COLOR, "FullFT")
-    _best_line(ax, best, sizes, "lora", "tab:blue", f"LoRA r={top}")
+    for cond in conds:
+        _best_line(ax, best, sizes, cond, colors[cond], A.condition_label(cond))
     ax.set_xscale("log", base=2)
     ax.set(xlabel="batch size (sequences)", ylabel=f"final {metric.replace('_', ' ')} (best LR)",
            title="Final loss vs batch size")

@@ -7,8 +7,8 @@ Spec grammar (`RLConfig.env`, `--env`):
     REWARD = module:function | path/to/file.py:function
 The default reward extracts the final answer tolerantly (`regretless.rl.extract`) and scores 1.0 when it
 matches the reference, else 0.0; a completion with no answer in it scores 0 and is counted (`Grade.found`).
-A user reward is called as `function(completion: str, answer: str) -> float` (bool is fine); an exception in it
-becomes a UserError naming the function and the exception.
+A user reward is called as `function(completion: str, answer: str) -> float` (bool is fine); an exception in
+it becomes a UserError naming the function and the exception.
 
 Train and eval problems are disjoint (eval questions that also occur in train are dropped) and deterministic
 in `seed`. Every prompt ends with an instruction asking for the final answer after "####", which the
@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ class Env:
             raise UserError(f"reward function {self.reward_name} raised {type(e).__name__}: {e} "
                             f"(called with a completion of {len(completion_text)} chars and answer "
                             f"{problem.answer!r})") from None
-        if value != value:
+        if math.isnan(value):
             raise UserError(f"reward function {self.reward_name} returned NaN for answer {problem.answer!r}")
         return Grade(value, True)
 
@@ -97,18 +98,21 @@ def _split(train_items: list[tuple[str, str, dict]], eval_items: list[tuple[str,
     return train, evals
 
 
-def _reasoning_gym(task: str, seed: int, train_size: int, eval_size: int) -> tuple[list[Problem], list[Problem]]:
+def _reasoning_gym(task: str, seed: int, train_size: int, eval_size: int
+                   ) -> tuple[list[Problem], list[Problem]]:
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
     if task not in DATASETS:
         easy = [t for t in ("chain_sum", "basic_arithmetic", "products", "gsm_symbolic", "gcd", "lcm")
                 if t in DATASETS]
-        raise UserError(f"unknown reasoning-gym task {task!r}; try one of: {', '.join('rg:' + t for t in easy)} "
+        names = ", ".join("rg:" + t for t in easy)
+        raise UserError(f"unknown reasoning-gym task {task!r}; try one of: {names} "
                         f"({len(DATASETS)} tasks in all, see reasoning_gym.factory.DATASETS)")
     size = train_size + 2 * eval_size + 16  # headroom for eval questions that duplicate train ones
     ds = reasoning_gym.create_dataset(task, size=size, seed=seed)
-    items = [(str(e["question"]), str(e["answer"]), {"task": task, **dict(e.get("metadata") or {})}) for e in ds]
+    items = [(str(e["question"]), str(e["answer"]), {"task": task, **dict(e.get("metadata") or {})})
+             for e in ds]
     return _split(items[:train_size], items[train_size:], eval_size, f"rg:{task}")
 
 
@@ -167,7 +171,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def make_env(spec: str, seed: int, train_size: int, eval_size: int, reward: str | None = None) -> Env:
-    """Build the environment named by `spec` (grammar in the module docstring); `reward` overrides the spec's."""
+    """The environment named by `spec` (grammar in the module docstring); `reward` overrides the spec's."""
     source, spec_reward = parse_spec(spec)
     reward = reward or spec_reward
     if source.startswith("rg:"):

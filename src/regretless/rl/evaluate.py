@@ -17,7 +17,7 @@ from regretless.rl.sampling import sample
 
 
 def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a chat prompt ending where the assistant's reply begins (plain text without a template)."""
+    """Token ids of a chat prompt up to where the assistant's reply begins (plain text without a template)."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -27,7 +27,7 @@ def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 def encode_problems(tokenizer, problems: list[Problem], max_prompt_tokens: int, where: str
                     ) -> tuple[list[Problem], list[list[int]], int]:
-    """Encode prompts, dropping those longer than `max_prompt_tokens`. -> (kept problems, their ids, #dropped).
+    """Encode prompts, dropping those over `max_prompt_tokens`. -> (kept problems, their ids, #dropped).
 
     Raises UserError when nothing fits (the message gives the longest and shortest prompt lengths)."""
     kept, ids, lengths = [], [], []
@@ -53,8 +53,9 @@ class EvalResult:
 
 
 @torch.no_grad()
-def greedy_eval(model: torch.nn.Module, tokenizer, env: Env, problems: list[Problem], prompt_ids: list[list[int]],
-                max_new_tokens: int, stop: tuple[str, ...] = (), batch_size: int = 32) -> EvalResult:
+def greedy_eval(model: torch.nn.Module, tokenizer, env: Env, problems: list[Problem],
+                prompt_ids: list[list[int]], max_new_tokens: int, stop: tuple[str, ...] = (),
+                batch_size: int = 32) -> EvalResult:
     """Greedy decoding of every problem (in batches of `batch_size`), scored by `env`."""
     rewards, found, lengths = [], [], []
     for i in range(0, len(problems), batch_size):

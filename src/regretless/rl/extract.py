@@ -1,8 +1,8 @@
 """Tolerant answer extraction and comparison for verifiable-reward RL.
 
 A small model rarely writes its answer in exactly the expected form, so the extractor looks, in order of
-trust, for the last `\\boxed{...}`, the last `#### X`, the last "the answer is X" / "answer: X", and finally the
-last number in the text. Numbers may carry thousands separators ("1,234"), currency or units ("$5",
+trust, for the last `\\boxed{...}`, the last `#### X`, the last "the answer is X" / "answer: X", and finally
+the last number in the text. Numbers may carry thousands separators ("1,234"), currency or units ("$5",
 "12 apples", "40%"), a sign, decimals or a simple fraction ("3/4"). Two answers that both parse as numbers are
 compared numerically (relative tolerance 1e-6, absolute 1e-9); otherwise as normalized strings (case, spaces,
 surrounding punctuation and LaTeX wrappers removed).
@@ -81,7 +81,7 @@ def _clean(candidate: str) -> str:
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer in a completion, as a string, or None when there is none (see the module docstring)."""
+    """The final answer in a completion, as a string, or None when there is none (see the module doc)."""
     boxed = _last_boxed(text)
     if boxed:
         return _clean(boxed)

@@ -34,8 +34,21 @@ from regretless.rl.envs import make_env
 from regretless.rl.evaluate import encode_problems, greedy_eval
 from regretless.rl.step import Reference, policy_gradient_step
 from regretless.runfiles import Checkpointer, MetricsLog, finish_marker, prepare_run_dir, write_summary
-from regretless.train import autocast, build_optimizer, log, lr_multiplier, peak_mem_mb, resolve_lr, save_final, \
-    seed_everything, set_lr, setup_policy
+from regretless.train import (
+    autocast,
+    build_optimizer,
+    log,
+    lr_multiplier,
+    peak_mem_mb,
+    resolve_lr,
+    save_final,
+    seed_everything,
+    set_lr,
+    setup_policy,
+)
+
+METRIC_KEYS = ("reward", "accuracy", "frac_constant_groups", "response_len", "ratio_mean", "entropy",
+               "sample_tokens_per_s", "train_tokens_per_s")  # + step, lr: docs/architecture.md
 
 
 def problem_indices(step: int, per_step: int, pool: int, seed: int) -> list[int]:
@@ -56,7 +69,7 @@ def context_length(model_config: Any) -> int | None:
 
 
 def build_reference(model: torch.nn.Module, cfg: RLConfig) -> Reference | None:
-    """The KL reference policy: the base model. LoRA: adapters switched off (no copy). FullFT: a frozen copy."""
+    """The KL reference policy, the base model. LoRA: adapters off (no copy). FullFT: a frozen copy."""
     if cfg.kl_coef <= 0:
         return None
     if cfg.lora is not None:
@@ -102,15 +115,19 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
     metrics = MetricsLog(out, keep_until_step=start if loaded else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples, lr {lr:.3g}, "
-        f"{'LoRA r=%d' % cfg.lora.rank if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters on {device}")
-    amp_ctx = lambda: autocast(device, amp)  # noqa: E731
+        f"{f'LoRA r={cfg.lora.rank}' if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters "
+        f"on {device}")
+
+    def amp_ctx() -> contextlib.AbstractContextManager:
+        return autocast(device, amp)
 
     def do_eval() -> dict[str, float]:
         with amp_ctx():
             res = greedy_eval(model, tok, env, eval_problems, eval_ids, cfg.max_new_tokens, cfg.stop,
                               batch_size=max(cfg.micro_batch_size, cfg.problems_per_step * cfg.group_size))
         state["last_eval"] = res.accuracy
-        state["best_eval"] = res.accuracy if state["best_eval"] is None else max(res.accuracy, state["best_eval"])
+        best = state["best_eval"]
+        state["best_eval"] = res.accuracy if best is None else max(res.accuracy, best)
         if state["first_eval"] is None:
             state["first_eval"] = res.accuracy
         return {"eval_accuracy": res.accuracy, "eval_frac_no_answer": res.frac_no_answer,
@@ -138,12 +155,13 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
         m, _ = policy_gradient_step(model, tok, env, [problems[i] for i in idx], [prompt_ids[i] for i in idx],
                                     cfg, gen, reference, amp_ctx)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not (math.isfinite(m["pg_loss"]) and math.isfinite(gnorm)):
             optimizer.zero_grad(set_to_none=True)
             bar.close()
-            log(f"step {step + 1}: loss {m['pg_loss']:.4g}, grad norm {gnorm:.4g}: diverged; stopped, last good "
-                "checkpoint kept")
+            log(f"step {step + 1}: loss {m['pg_loss']:.4g}, grad norm {gnorm:.4g}: diverged; stopped, "
+                "last good checkpoint kept")
             return finish("diverged", step)
         if m["trained_sequences"] > 0:  # all groups constant: no gradient, no step (Adam would still move)
             optimizer.step()
@@ -153,10 +171,8 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
         state["wall_s"] += time.perf_counter() - t0
         state["episodes"] += cfg.problems_per_step * cfg.group_size
         state["last_reward"] = m["reward"]
-        rec = {"step": step + 1, **{k: m[k] for k in ("reward", "accuracy", "frac_constant_groups", "response_len",
-                                                       "ratio_mean", "entropy", "sample_tokens_per_s",
-                                                       "train_tokens_per_s")},
-               "lr": cur_lr, "pg_loss": m["pg_loss"], "kl": m["kl"], "clip_frac": m["clip_frac"],
+        rec = {"step": step + 1, **{k: m[k] for k in METRIC_KEYS}, "lr": cur_lr, "pg_loss": m["pg_loss"],
+               "kl": m["kl"], "clip_frac": m["clip_frac"],
                "grad_norm": gnorm, "frac_no_answer": m["frac_no_answer"], "frac_stopped": m["frac_stopped"],
                "episodes": state["episodes"], "peak_mem_mb": round(peak_mem_mb(device), 1)}
         if eval_problems and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
@@ -177,8 +193,8 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
 
 
 def _check_rl(cfg: RLConfig) -> None:
-    for name in ("steps", "problems_per_step", "group_size", "max_new_tokens", "micro_batch_size", "eval_every",
-                 "save_every", "log_every", "train_size"):
+    for name in ("steps", "problems_per_step", "group_size", "max_new_tokens", "micro_batch_size",
+                 "eval_every", "save_every", "log_every", "train_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
     if cfg.eval_size < 0:

@@ -26,7 +26,8 @@ def constant_groups(rewards_P_G: torch.Tensor, atol: float = 1e-8) -> torch.Tens
     return (rewards_P_G.max(dim=1).values - rewards_P_G.min(dim=1).values) <= atol
 
 
-def group_advantages(rewards_P_G: torch.Tensor, normalize_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards_P_G: torch.Tensor, normalize_std: bool = False, eps: float = 1e-6
+                     ) -> torch.Tensor:
     """Adv = reward − group mean (÷ group std when `normalize_std`); exactly 0 for constant groups. (P, G)."""
     rewards_P_G = rewards_P_G.float()
     adv_P_G = rewards_P_G - rewards_P_G.mean(dim=1, keepdim=True)
@@ -36,14 +37,15 @@ def group_advantages(rewards_P_G: torch.Tensor, normalize_std: bool = False, eps
 
 
 def kl_k3(logp_new_B_T: torch.Tensor, logp_ref_B_T: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(π_new ‖ π_ref) from samples: exp(Δ) − Δ − 1 with Δ = logp_ref − logp_new."""
+    """Per-token k3 estimate of KL(π_new ‖ π_ref): exp(Δ) − Δ − 1 with Δ = logp_ref − logp_new."""
     delta_B_T = logp_ref_B_T - logp_new_B_T
     return torch.exp(delta_B_T) - delta_B_T - 1.0
 
 
-def pg_loss(logp_new_B_T: torch.Tensor, logp_old_B_T: torch.Tensor, adv_B: torch.Tensor, mask_B_T: torch.Tensor,
-            clip_eps: float | None = None, kl_coef: float = 0.0, logp_ref_B_T: torch.Tensor | None = None,
-            num_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def pg_loss(logp_new_B_T: torch.Tensor, logp_old_B_T: torch.Tensor, adv_B: torch.Tensor,
+            mask_B_T: torch.Tensor, clip_eps: float | None = None, kl_coef: float = 0.0,
+            logp_ref_B_T: torch.Tensor | None = None, num_tokens: float | None = None
+            ) -> tuple[torch.Tensor, dict[str, float]]:
     """Importance-sampled policy-gradient loss (see the module docstring) and stats.
 
     Returns (loss, {"ratio_mean", "clip_frac", "kl", "tokens"}); stats are means over masked tokens.

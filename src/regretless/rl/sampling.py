@@ -1,10 +1,11 @@
 """Batched sampling with a KV cache, and scoring of sampled completions under the learner.
 
 `sample` left-pads the P prompts, runs them through the model once (prefill), repeats the cache G times
-(`DynamicCache.batch_repeat_interleave`) and then feeds one token per step, reusing the cache (updated in place). Rows that
-finish (EOS or a stop string) are dropped from the cache, so late steps only pay for live rows. For each
-sampled token it records the sampler's log-prob under the model's own distribution at temperature 1, i.e.
-`log_softmax(logits)[token]` of the very logits used to draw it; that is the `logp_old` of the importance ratio.
+(`DynamicCache.batch_repeat_interleave`) and then feeds one token per step, reusing the cache (updated in
+place). Rows that finish (EOS or a stop string) are dropped from the cache, so late steps only pay for live
+rows. For each sampled token it records the sampler's log-prob under the model's own distribution at
+temperature 1, i.e. `log_softmax(logits)[token]` of the very logits used to draw it: the `logp_old` of the
+importance ratio.
 
 Departures: with temperature != 1 or top_p < 1 the tokens are drawn from the tempered/truncated distribution
 while the recorded log-prob is the untempered one (the learner's distribution), so the importance ratio
@@ -58,7 +59,7 @@ def _positions(attn_B_L: torch.Tensor) -> torch.Tensor:
 
 def _draw(logits_N_V: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
           ) -> torch.Tensor:
-    """Greedy when temperature == 0, else a sample from softmax(logits / temperature) cut to the top-p nucleus."""
+    """Greedy when temperature == 0, else softmax(logits / temperature) cut to the top-p nucleus."""
     if temperature == 0:
         return logits_N_V.argmax(-1)
     probs_N_V = torch.softmax(logits_N_V / temperature, dim=-1)
@@ -68,7 +69,8 @@ def _draw(logits_N_V: torch.Tensor, temperature: float, top_p: float, generator:
         sorted_N_V = sorted_N_V.masked_fill(outside_N_V, 0.0)
         probs_N_V = torch.zeros_like(probs_N_V).scatter(-1, order_N_V, sorted_N_V)
     gen_device = generator.device if generator is not None else probs_N_V.device
-    return torch.multinomial(probs_N_V.to(gen_device), 1, generator=generator).squeeze(-1).to(probs_N_V.device)
+    tok_N = torch.multinomial(probs_N_V.to(gen_device), 1, generator=generator).squeeze(-1)
+    return tok_N.to(probs_N_V.device)
 
 
 @torch.no_grad()
@@ -139,8 +141,8 @@ def sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]]
         text = tokenizer.decode(tokens_N_T[row, :int(lengths_N[row])].tolist(), skip_special_tokens=True)
         cuts = [text.find(s) for s in stop if s in text]
         texts.append(text[:min(cuts)] if cuts else text)
-    return SampleBatch(tokens_N_T[:, :T].cpu(), logp_N_T[:, :T].cpu(), entropy_N_T[:, :T].cpu(), mask_N_T.cpu(),
-                       lengths_N.cpu(), stopped_N.cpu(), texts,
+    return SampleBatch(tokens_N_T[:, :T].cpu(), logp_N_T[:, :T].cpu(), entropy_N_T[:, :T].cpu(),
+                       mask_N_T.cpu(), lengths_N.cpu(), stopped_N.cpu(), texts,
                        torch.arange(len(prompts_token_ids)).repeat_interleave(n), time.perf_counter() - t0)
 
 
@@ -159,7 +161,8 @@ def completion_logprobs(model: torch.nn.Module, prompts_token_ids: list[list[int
     ids_N_S = torch.cat([ids_N_L, tokens_N_T.masked_fill(~mask_N_T, pad_token_id)], dim=1)
     attn_N_S = torch.cat([attn_N_L, mask_N_T.long()], dim=1)
     targets_N_S = torch.full_like(ids_N_S, -100)
-    targets_N_S[:, L - 1:L - 1 + T] = tokens_N_T.masked_fill(~mask_N_T, -100)  # position L-1+t predicts token t
+    # position L-1+t predicts completion token t
+    targets_N_S[:, L - 1:L - 1 + T] = tokens_N_T.masked_fill(~mask_N_T, -100)
     batch = {"input_ids": ids_N_S.to(device), "attention_mask": attn_N_S.to(device),
              "position_ids": _positions(attn_N_S).to(device)}
     logp_M, _ = target_logprobs(model, batch, targets_N_S.to(device))  # M = masked tokens, row-major

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+
 import torch
 
 from regretless.config import RLConfig
