@@ -23,6 +23,14 @@ def test_reasoning_gym_env_is_deterministic_and_disjoint():
     assert [p.answer for p in a.train] != [p.answer for p in c.train]
 
 
+def test_reasoning_gym_task_config():
+    env = make_env("rg:chain_sum,max_terms=2,max_digits=1", seed=0, train_size=20, eval_size=2)
+    assert all(p.prompt_messages[-1]["content"].count(" ") <= 12 for p in env.train)
+    assert all(abs(int(p.answer)) <= 18 for p in env.train)
+    with pytest.raises(UserError, match="rejected the task config"):
+        make_env("rg:chain_sum,bogus=1", seed=0, train_size=4, eval_size=2)
+
+
 def test_unknown_task_lists_valid_ones():
     with pytest.raises(UserError, match="rg:chain_sum"):
         make_env("rg:no_such_task", seed=0, train_size=4, eval_size=2)

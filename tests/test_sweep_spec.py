@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 
 import pytest
 import yaml
@@ -102,23 +101,24 @@ def test_lr_grid_and_center():
     assert len(expand(spec)) == 6
 
 
-def test_lr_around_recipe_uses_recipe_per_method(monkeypatch):
-    fake = types.ModuleType("regretless.recipe")
-    calls = []
+def test_lr_around_recipe_uses_the_recipe_per_method_and_steps():
+    from regretless.known_models import known_config
+    from regretless.recipe import default_lr
 
-    def default_lr(model_config, method, steps):
-        calls.append((method, steps))
-        return 1e-4 * (10 if method == "lora" else 1)
-
-    fake.default_lr = default_lr
-    monkeypatch.setitem(sys.modules, "regretless.recipe", fake)
-    spec = parse_spec({"command": "sft", "base": {"steps": 50},
+    spec = parse_spec({"command": "sft", "base": {"model": "SmolLM2-135M", "steps": 50},
                        "axes": {"method": ["full", "lora"],
                                 "lr": {"around_recipe": True, "points_per_decade": 1, "decades": 2}}})
-    runs = expand(spec, lr_center=lambda cfg, method: default_lr(None, method, cfg.steps))
-    lrs = {(r.axes["method"], r.config.lr) for r in runs}
-    assert ("full", 1e-4) in lrs and ("lora", 1e-3) in lrs and ("lora", 1e-2) in lrs
-    assert ("lora", 50) in calls
+    runs = expand(spec)
+    assert len(runs) == 6
+    full_center = default_lr(known_config("SmolLM2-135M"), "full", 50)[0]
+    lora_center = default_lr(known_config("SmolLM2-135M"), "lora", 50)[0]
+    full = sorted(r.config.lr for r in runs if r.config.lora is None)
+    lora = sorted(r.config.lr for r in runs if r.config.lora is not None)
+    assert full[1] == pytest.approx(full_center, rel=1e-3) and lora[1] == pytest.approx(lora_center, rel=1e-3)
+    assert full[0] == pytest.approx(full_center / 10, rel=1e-3) and lora[2] == pytest.approx(lora_center * 10, rel=1e-3)
+    # a custom centre (what `reproduce` may pass) overrides the recipe
+    custom = expand(spec, lr_center=lambda cfg, method: 1e-3 if method == "lora" else 1e-4)
+    assert {r.config.lr for r in custom} == {1e-5, 1e-4, 1e-3, 1e-2}
 
 
 def test_lr_around_recipe_without_recipe_is_clear(monkeypatch):

@@ -95,6 +95,10 @@ class LoRAExperts(nn.Module):
         if self.enabled and not self.merged and name in self.ranks:
             A = self.lora_A(name).transpose(-2, -1).to(w.dtype)  # (E, in, r)
             B = self.lora_B(name).transpose(-2, -1).to(w.dtype)  # (E, r, out)
+            pad = -A.shape[-1] % 8
+            if pad and _grouped_mm_ok(x_N, w):  # grouped_mm wants 16-byte rows: zero-pad the rank (exact)
+                A = torch.nn.functional.pad(A, (0, pad))
+                B = torch.nn.functional.pad(B, (0, 0, 0, pad))
             h = grouped_linear(x_N, A, counts_E, offsets_E)  # (N, r)
             y = y + self.scales[name] * grouped_linear(h, B, counts_E, offsets_E)
         return y

@@ -4,8 +4,8 @@ The paper's two views of an LR sweep:
 - curves: for each condition (FullFT, LoRA rank r, ...), the pointwise minimum over LRs of the loss at each
   step (`pointwise_min`);
 - U-curves: final loss versus LR per condition (`final_vs_lr`), and the optimal LR per condition
-  (`optimal_lrs`: a parabola in log10(LR) through the best grid point and its two neighbours; an optimum at
-  the grid's edge is flagged, since the true optimum may lie outside).
+  (`optimal_lrs`: regretless.recipe_fit's parabola in log10(LR); an optimum at the grid's edge is flagged,
+  since the true optimum may lie outside).
 Seeds are aggregated as mean with min/max band at every point. Departure from the paper: the "final" loss is
 the mean over the last 10% of logged steps (a single step's batch loss is noisy), or the final eval loss when
 every run in the comparison has one.
@@ -291,14 +291,17 @@ def seed_stats(values: list[float]) -> dict[str, float]:
 
 
 def final_vs_lr(records: list[RunRecord], metric: str = "loss", key: Callable = condition) -> list[dict]:
-    """Rows {condition, lr, final_loss (seed mean), lo, hi, std, n, diverged} sorted by condition then LR."""
+    """Rows {condition, lr, final_loss (seed mean), lo, hi, std, n, diverged, values (per seed)}, sorted by
+    condition then LR."""
     rows = []
     for (cond, lr), recs in group(records, lambda r: (key(r), r.lr)).items():
         if lr is None:
             continue
-        st = seed_stats([final_value(r, metric) for r in recs])
+        values = [final_value(r, metric) for r in recs]
+        st = seed_stats(values)
         rows.append({"condition": cond, "lr": lr, "final_loss": st["mean"], "lo": st["lo"], "hi": st["hi"],
-                     "std": st["std"], "n": st["n"], "diverged": sum(r.status == "diverged" for r in recs)})
+                     "std": st["std"], "n": st["n"], "diverged": sum(r.status == "diverged" for r in recs),
+                     "values": values})
     return sorted(rows, key=lambda d: (condition_order(str(d["condition"])), str(d["condition"]), d["lr"]))
 
 
@@ -320,19 +323,23 @@ def _fit_one(cond: str, pts: list[tuple[float, float]], maximize: bool) -> Optim
 
 
 def optimal_lrs(rows: list[dict], maximize: bool = False) -> dict[str, Optimum]:
-    """Optimal LR per condition from rows {condition, lr, final_loss}. Uses regretless.recipe_fit when it
-    provides `fit_optimal_lrs(rows)` (condition -> lr), else a log-LR parabola through the best 3 points."""
+    """Optimal LR per condition from rows {condition, lr, final_loss[, values]} (`final_vs_lr`).
+
+    Minimizing: `regretless.recipe_fit.fit_sweep` (least-squares parabola in log10 LR over every seed's
+    value near the best grid point) when available; else, and for rewards (maximize), a parabola in log10 LR
+    through the best grid point and its two neighbours. `at_edge` always comes from the grid."""
     by_cond: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for d in rows:
         by_cond[d["condition"]].append((float(d["lr"]), float(d["final_loss"])))
     out = {c: o for c, pts in by_cond.items() if (o := _fit_one(c, pts, maximize)) is not None}
-    external = _external_fit()
-    if external is not None and not maximize:
-        fitted = external([{"condition": d["condition"], "lr": d["lr"], "final_loss": d["final_loss"]}
-                           for d in rows if math.isfinite(d["final_loss"])])
-        for c, lr in (fitted or {}).items():
-            if c in out and lr is not None and math.isfinite(float(lr)):
-                out[c] = Optimum(c, float(lr), out[c].value, out[c].at_edge, out[c].n_lrs)
+    fit_sweep = _external_fit()
+    if fit_sweep is None or maximize:
+        return out
+    raw = [{"condition": d["condition"], "lr": d["lr"], "final_loss": v}
+           for d in rows if d["condition"] in out for v in d.get("values", [d["final_loss"]]) if math.isfinite(v)]
+    if raw:
+        for c, fit in fit_sweep(raw).items():
+            out[c] = Optimum(c, float(fit.lr), float(fit.loss), out[c].at_edge, out[c].n_lrs)
     return out
 
 
@@ -341,7 +348,7 @@ def _external_fit() -> Callable | None:
         mod = importlib.import_module("regretless.recipe_fit")
     except ImportError:
         return None
-    return getattr(mod, "fit_optimal_lrs", None)
+    return getattr(mod, "fit_sweep", None)
 
 
 def best_per_condition(records: list[RunRecord], metric: str, key: Callable, maximize: bool = False) -> dict:

@@ -2,7 +2,8 @@
 
 Spec grammar (`RLConfig.env`, `--env`):
     SOURCE[,reward=REWARD]
-    SOURCE = rg:<task>                 a reasoning-gym task, e.g. rg:chain_sum, rg:gsm_symbolic
+    SOURCE = rg:<task>[,key=value...]  a reasoning-gym task with optional config fields, e.g. rg:chain_sum,
+                                       rg:gsm_symbolic, rg:chain_sum,max_terms=3,max_digits=2
            | path/to/file.jsonl        one {"prompt": str, "answer": str} object per line
     REWARD = module:function | path/to/file.py:function
 The default reward extracts the final answer tolerantly (`regretless.rl.extract`) and scores 1.0 when it
@@ -98,11 +99,19 @@ def _split(train_items: list[tuple[str, str, dict]], eval_items: list[tuple[str,
     return train, evals
 
 
-def _reasoning_gym(task: str, seed: int, train_size: int, eval_size: int
+def _reasoning_gym(spec: str, seed: int, train_size: int, eval_size: int
                    ) -> tuple[list[Problem], list[Problem]]:
     import reasoning_gym
+    import yaml
     from reasoning_gym.factory import DATASETS
 
+    task, *fields = spec.split(",")
+    kwargs = {}
+    for item in fields:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"env rg:{spec}: expected key=value after the task name, got {item!r}")
+        kwargs[key.strip()] = yaml.safe_load(raw)
     if task not in DATASETS:
         easy = [t for t in ("chain_sum", "basic_arithmetic", "products", "gsm_symbolic", "gcd", "lcm")
                 if t in DATASETS]
@@ -110,10 +119,14 @@ def _reasoning_gym(task: str, seed: int, train_size: int, eval_size: int
         raise UserError(f"unknown reasoning-gym task {task!r}; try one of: {names} "
                         f"({len(DATASETS)} tasks in all, see reasoning_gym.factory.DATASETS)")
     size = train_size + 2 * eval_size + 16  # headroom for eval questions that duplicate train ones
-    ds = reasoning_gym.create_dataset(task, size=size, seed=seed)
+    try:
+        ds = reasoning_gym.create_dataset(task, size=size, seed=seed, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"env rg:{spec}: reasoning-gym rejected the task config "
+                        f"({type(e).__name__}: {e})") from None
     items = [(str(e["question"]), str(e["answer"]), {"task": task, **dict(e.get("metadata") or {})})
              for e in ds]
-    return _split(items[:train_size], items[train_size:], eval_size, f"rg:{task}")
+    return _split(items[:train_size], items[train_size:], eval_size, f"rg:{spec}")
 
 
 def _jsonl(path: Path, seed: int, train_size: int, eval_size: int) -> tuple[list[Problem], list[Problem]]:

@@ -187,25 +187,31 @@ def lr_grid(center: float, points_per_decade: float = 2, decades: float = 2) -> 
 
 
 def recipe_center(cfg: Any, method: str) -> float:
-    """The recipe's LR for this run (regretless.recipe.default_lr(model_config, method, steps))."""
+    """The recipe's LR for this run: regretless.recipe.default_lr(model_config, method, steps)."""
     try:
         recipe = importlib.import_module("regretless.recipe")
     except ImportError:
         raise UserError("axes.lr: around_recipe needs regretless.recipe, which this install lacks; "
                         "give the LRs as a list or as {center: <lr>, ...}") from None
-    return float(recipe.default_lr(_model_config(cfg.model), method, getattr(cfg, "steps", None)))
+    lr = recipe.default_lr(_model_config(cfg.model), method, getattr(cfg, "steps", None))
+    return float(lr[0] if isinstance(lr, tuple) else lr)  # default_lr returns (lr, reason)
 
 
 def _model_config(name: str) -> Any:
-    """The model's HF config: via regretless.models if present, else the built-in table, else transformers."""
-    for mod, fn in (("regretless.models", "model_config"), ("regretless.known_models", "known_config")):
-        try:
-            return getattr(importlib.import_module(mod), fn)(name)
-        except (ImportError, AttributeError, UserError):
-            continue
+    """The model's transformers config: a local folder, the built-in table of known models, or a built-in
+    asset (prepared by regretless.models.resolve_model)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(name)
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path)
+    try:
+        return importlib.import_module("regretless.known_models").known_config(name)
+    except (ImportError, AttributeError, UserError):
+        pass
+    from regretless.models import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(name, quiet=True))
 
 
 def _set(d: dict[str, Any], key: str, value: Any, cls: type) -> None:
