@@ -161,7 +161,6 @@ def test_smollm2_round_trip_both_ways(smollm2_dir, tmp_path):
     want = _logits(model, ids)
     save_adapter(model, tmp_path / "ours", lora)
     model = unload(model, merge=False)
-    assert torch.equal(_logits(model, ids), base)
     peft_model = PeftModel.from_pretrained(model, tmp_path / "ours")
     assert (want - base).abs().max() > 1e-2
     assert (want - _logits(peft_model, ids)).abs().max() <= TOL

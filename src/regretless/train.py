@@ -256,7 +256,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         state["wall_s"] += dt
         last_loss = loss
         rec = {"step": step + 1, "loss": loss, "lr": cur_lr, "tokens": state["tokens"], "grad_norm": float(gnorm),
-               "tokens_per_s": seen / dt, "peak_mem_mb": round(peak_mem_mb(device), 1),
+               "tokens_per_s": seen / dt, "step_s": round(dt, 4), "peak_mem_mb": round(peak_mem_mb(device), 1),
                "epoch": round(state["epoch"] + state["micro_in_epoch"] / max(1, per_epoch * accum), 4)}
         if eval_batches and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
             rec["eval_loss"] = do_eval(step + 1)
