@@ -107,6 +107,14 @@ def run(method: str, args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     times = time_steps(step, args.iters)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(f"--- {method}: top CUDA kernels")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     ms = statistics.median(times)
     tokens = args.batch * args.seq
     res = {"method": method, "shape": args.shape, "batch": args.batch, "seq": args.seq, "rank": args.rank,
@@ -129,6 +137,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--methods", default="full,regretless,peft")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per method")
     args = ap.parse_args()
     rows = []
     for m in args.methods.split(","):

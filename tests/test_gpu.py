@@ -67,7 +67,7 @@ def test_grouped_linear_matches_loop_on_same_bf16_inputs(rank):
 
     cfg = tiny_qwen3_moe_config(hidden_size=64, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4)
     model = build_model(cfg).to("cuda", torch.bfloat16)
-    apply_lora(model, LoRAConfig(rank=rank * 4))
+    apply_lora(model, LoRAConfig(rank=8, expert_rank=rank))
     _randomize_b(model)
     experts = next(m for _, m in lora_modules(model) if isinstance(m, LoRAExperts))
     g = torch.Generator(device="cuda").manual_seed(0)

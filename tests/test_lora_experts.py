@@ -11,38 +11,29 @@ from torch import nn
 from regretless.errors import UserError
 from regretless.lora import LoRAConfig, LoRAExperts, apply_lora, find_targets, lora_modules
 
+SMALL = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts_per_tok": 2, "max_position_embeddings": 256,
+         "eos_token_id": 2, "pad_token_id": 0, "bos_token_id": None}
+
 
 def tiny_mixtral_config(**kw):
     from transformers import MixtralConfig
 
-    base = dict(vocab_size=512, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
-                max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=2, pad_token_id=0,
-                bos_token_id=None)
-    base.update(kw)
-    return MixtralConfig(**base)
+    return MixtralConfig(**{**SMALL, "head_dim": 8, "num_local_experts": 4, "tie_word_embeddings": False, **kw})
 
 
 def tiny_olmoe_config(**kw):
     from transformers import OlmoeConfig
 
-    base = dict(vocab_size=512, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
-                eos_token_id=2, pad_token_id=0, bos_token_id=None)
-    base.update(kw)
-    return OlmoeConfig(**base)
+    return OlmoeConfig(**{**SMALL, "num_experts": 8, **kw})
 
 
 def tiny_gpt_oss_config(**kw):
     """GPT-OSS stores experts transposed, (E, in, out), with biases and its own clamped gate: the other layout."""
     from transformers import GptOssConfig
 
-    base = dict(vocab_size=512, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
-                max_position_embeddings=256, layer_types=["full_attention"] * 2, eos_token_id=2, pad_token_id=0,
-                bos_token_id=None)
-    base.update(kw)
-    return GptOssConfig(**base)
+    return GptOssConfig(**{**SMALL, "head_dim": 8, "num_local_experts": 4, "layer_types": ["full_attention"] * 2,
+                           **kw})
 
 
 def _experts_module(model) -> nn.Module:

@@ -76,6 +76,21 @@ def test_regretless_to_peft(family, lora, ids, tmp_path):
     assert n_peft == sum(p.numel() for _, p in lora_parameters(model))
 
 
+@pytest.mark.parametrize("targets", [r".*experts\.down_proj", "experts"])
+def test_regretless_to_peft_experts_only(targets, ids, tmp_path):
+    """No dense module adapted: target_modules is empty and PEFT adapts only the listed expert parameters."""
+    from peft import PeftModel
+
+    lora = LoRAConfig(rank=4, targets=targets)
+    model = _adapted(tiny_qwen3_moe_config, lora)
+    want = _logits(model, ids)
+    save_adapter(model, tmp_path / "a", lora)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"] == []
+    peft_model = PeftModel.from_pretrained(build_model(tiny_qwen3_moe_config()), tmp_path / "a")
+    assert (want - _logits(build_model(tiny_qwen3_moe_config()), ids)).abs().max() > 1e-2
+    assert (want - _logits(peft_model, ids)).abs().max() <= TOL
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe", "mixtral", "olmoe"])
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_to_regretless(family, rslora, ids, tmp_path):
@@ -135,7 +150,7 @@ def test_regretless_round_trip_and_config(ids, tmp_path):
     assert config["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
                                            for p in ("gate_up_proj", "down_proj")]
     assert set(config["rank_pattern"].values()) == {3}
-    assert sorted(load_file(tmp_path / "a" / "adapter_model.safetensors"))[0].startswith("base_model.model.")
+    assert all(k.startswith("base_model.model.") for k in load_file(tmp_path / "a" / "adapter_model.safetensors"))
     # saving again replaces the folder atomically (no temp folders left behind)
     save_adapter(model, tmp_path / "a", lora)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
@@ -316,3 +331,9 @@ def test_loading_twice_is_an_error(saved):
     assert all(isinstance(m, LoRALinear) for _, m in lora_modules(model))
     with pytest.raises(UserError, match="already has LoRA adapters"):
         load_adapter(model, saved)
+
+
+def test_load_prints_coverage_by_group(saved, capsys):
+    load_adapter(build_model(tiny_llama_config()), saved, verbose=True)
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["attn"][1:3] == ["8", "8"] and rows["mlp"][1:3] == ["6", "6"] and rows["total"][1] == "14"

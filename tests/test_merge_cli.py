@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,10 +76,11 @@ def test_merge_bf16_and_force(tiny_llama_dir, adapted, tmp_path):
 
 
 def _run_error(argv, capsys) -> str:
+    capsys.readouterr()  # drop what the test printed before
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2, err
-    lines = err.strip().splitlines()
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and "it/s]" not in ln]  # transformers' progress bars aside
     assert len(lines) == 1 and lines[0].startswith(f"regretless {argv[0]}: error: "), err
     assert "Traceback" not in err
     return lines[0]
@@ -87,13 +89,16 @@ def _run_error(argv, capsys) -> str:
 def test_merge_user_errors(tiny_llama_dir, adapted, tmp_path, capsys):
     adapter, _, _ = adapted
     out = str(tmp_path / "merged")
+    assert "not a folder, a .gguf file or a built-in name" in _run_error(
+        ["merge", "--model", str(tmp_path / "nomodel"), "--adapter", str(adapter), "--out", out], capsys)
+    assert "not a folder" in _run_error(
+        ["merge", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "none"), "--out", out], capsys)
     (adapter / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 50)
     assert "corrupt or unreadable" in _run_error(
         ["merge", "--model", str(tiny_llama_dir), "--adapter", str(adapter), "--out", out], capsys)
-    assert "not a folder" in _run_error(
-        ["merge", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "none"), "--out", out], capsys)
-    assert "not a folder, a .gguf file or a built-in name" in _run_error(
-        ["merge", "--model", str(tmp_path / "nomodel"), "--adapter", str(adapter), "--out", out], capsys)
+    (adapter / "adapter_config.json").write_text('{"r": 4, "lora_alpha"')
+    assert "adapter_config.json:1: not valid JSON" in _run_error(
+        ["merge", "--model", str(tiny_llama_dir), "--adapter", str(adapter), "--out", out], capsys)
     assert not (tmp_path / "merged").exists()
 
 
@@ -106,8 +111,7 @@ def test_merge_non_causal_lm_folder(adapted, tmp_path, capsys):
     assert "LlamaModel" in msg and "not a causal language model" in msg
 
 
-def test_merge_mismatched_adapter_subprocess(tmp_path, tokenizer_dir):
-    """Through the real console entry point: one line on stderr, exit code 2."""
+def test_merge_adapter_of_another_base(tmp_path, tokenizer_dir, capsys):
     from transformers import AutoTokenizer
 
     other = build_model(tiny_llama_config(intermediate_size=48))
@@ -116,15 +120,23 @@ def test_merge_mismatched_adapter_subprocess(tmp_path, tokenizer_dir):
     model = build_model(tiny_llama_config())
     apply_lora(model, LoRAConfig(rank=4))
     save_adapter(model, tmp_path / "adapter", LoRAConfig(rank=4))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "regretless.cli", "merge", "--model", str(tmp_path / "other"),
-                          "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")],
-                         capture_output=True, text=True, env=env, timeout=120, check=False)
-    assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("regretless merge:")]
-    assert len(lines) == 1 and "has shape" in lines[0] and "another base model" in lines[0]
-    assert "Traceback" not in res.stderr
+    msg = _run_error(["merge", "--model", str(tmp_path / "other"), "--adapter", str(tmp_path / "adapter"),
+                      "--out", str(tmp_path / "m")], capsys)
+    assert "has shape" in msg and "another base model" in msg
     assert not (tmp_path / "m").exists()
+
+
+def test_console_command_error_subprocess(tmp_path):
+    """Through the installed `regretless` console command: one line on stderr, exit code 2, no traceback."""
+    exe = Path(sys.executable).with_name("regretless")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "regretless.cli"]
+    res = subprocess.run([*cmd, "merge", "--model", str(tmp_path), "--adapter", str(tmp_path / "missing"),
+                          "--out", str(tmp_path / "m")], capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"regretless merge: error: --adapter {tmp_path / 'missing'}: not a folder; expected a PEFT adapter folder"]
+    assert res.stdout == ""
 
 
 # ---- regretless assets

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False) -> dict:
     """Load base + adapter, merge, save a plain HF folder at `out`. Returns what was done."""
-    from regretless.lora import load_adapter, lora_modules, unload
+    from regretless.lora import load_adapter, lora_modules, read_adapter, unload
     from regretless.models import load_model
     from regretless.runfiles import save_atomically
 
@@ -40,6 +40,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "fp32",
         raise UserError(f"--out {out}: already exists; choose a new folder or pass --force to replace it")
     if not Path(adapter).is_dir():
         raise UserError(f"--adapter {adapter}: not a folder; expected a PEFT adapter folder")
+    read_adapter(adapter)  # fail fast on a corrupt adapter, before a possibly long model load
     base, tok, path = load_model(model, dtype=torch.float32, quiet=True)
     lora_cfg = load_adapter(base, adapter)
     n_modules = len(list(lora_modules(base)))

@@ -26,7 +26,7 @@ from torch import nn
 from regretless.errors import UserError
 from regretless.lora.config import LoRAConfig
 from regretless.lora.experts import EXPERT_PARAMS, LoRAExperts, expert_dims, is_fused_experts
-from regretless.lora.inject import Target, apply_lora, lora_modules
+from regretless.lora.inject import Target, apply_lora, group_of, lora_modules
 from regretless.lora.layer import LoRALinear
 
 PREFIX = "base_model.model."
@@ -192,7 +192,7 @@ def load_adapter(model: nn.Module, path: str | Path, verbose: bool = False) -> L
             raise UserError(f"{where}: adapter targets {mod!r}, which this model does not have "
                             "(adapter saved for another base model?)") from None
         if isinstance(m, nn.Linear):
-            targets.append((PREFIX + mod, Target(mod, "adapter", None, m.in_features, m.out_features, 1,
+            targets.append((PREFIX + mod, Target(mod, group_of(mod), None, m.in_features, m.out_features, 1,
                                                  weights[f"{PREFIX}{mod}.lora_A.weight"].shape[0])))
         elif is_fused_experts(m):
             # PEFT's rule: a target_parameters entry matches `<module>.<param>` exactly or as a dotted suffix

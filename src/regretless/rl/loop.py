@@ -99,6 +99,9 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
         log(f"dropped {dropped} train and {eval_dropped} eval problems whose prompt plus max_new_tokens="
             f"{cfg.max_new_tokens} exceeds the context of {ctx} tokens")
     log(f"env {cfg.env}: {len(problems)} train problems, {len(eval_problems)} eval problems")
+    if len(env.eval) < cfg.eval_size:
+        log(f"WARNING: only {len(env.eval)} of eval_size={cfg.eval_size} eval problems are distinct from the "
+            f"training pool; lower train_size or use a task with more distinct questions")
 
     lr = resolve_lr(cfg, model, cfg.steps)
     optimizer = build_optimizer(model, cfg, lr)

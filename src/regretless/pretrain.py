@@ -1,0 +1,185 @@
+"""The built-in model `tiny-base`: a small Llama pretrained by regretless itself, offline, in about a minute.
+
+Why: `regretless reproduce --preset quick` must run dozens of real fine-tuning runs on 2 CPU cores in 15
+minutes, and SmolLM2-135M takes 1-2 s per optimizer step there. A ~1M-parameter Llama trained here for a
+minute is a real (if tiny) pretrained base: it has learned the ChatML format, English-ish chit-chat and easy
+arithmetic, and still has everything to learn about GSM-style worked solutions (the fine-tuning set).
+
+`build(out)` does, deterministically for a seed:
+1. corpus: the chatterbot-corpus dialogs plus reasoning-gym `chain_sum` problems (2 or 3 one-digit terms) in
+   the exact chat format of the RL environment (`regretless.rl.envs`: its system instruction, the question,
+   and "#### <answer>" as the assistant turn), so `rg:chain_sum` scores above zero from the start.
+   Seeds are >= `CORPUS_SEED`, disjoint from the fine-tuning and RL seeds (0, 1, ...).
+2. tokenizer: byte-level BPE (`tokenizers`, vocab `VOCAB`), digits split one per token (arithmetic), ChatML
+   template, eos `<|im_end|>`, pad `<|endoftext|>`. Trained on the corpus text plus GSM-symbolic questions and
+   solutions from a disjoint seed (vocabulary coverage only: the model itself never trains on GSM text).
+3. model: a randomly initialised `LlamaForCausalLM` of `SHAPE`, then FullFT with the normal SFT trainer
+   (`regretless.train.run_sft`) on the corpus: packed rows, AdamW with warm-up and cosine decay (pretraining,
+   not the paper's fine-tuning protocol), `steps` optimizer steps of `BATCH` x `SEQ_LEN` tokens.
+   The loss covers assistant turns only (that is what the trainer's chat data trains on).
+4. the final HF folder (safetensors + tokenizer) is renamed into place with a `.complete` marker holding the
+   build's record (steps, first and last eval loss, corpus sizes, wall time). A file lock keeps two processes
+   from building it at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from regretless.errors import UserError
+
+VOCAB = 2048
+SHAPE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 4, "max_position_embeddings": 1024, "tie_word_embeddings": True}
+STEPS = 100  # ~1-2 minutes on 2 CPU cores
+BATCH, SEQ_LEN, LR, WARMUP = 32, 128, 3e-3, 15
+CORPUS_SEED = 10_000
+CHAIN_SUM_PROBLEMS = 5000
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[regretless pretrain] {msg}", file=sys.stderr, flush=True)
+
+
+def corpus(seed: int = CORPUS_SEED, chain_sum: int = CHAIN_SUM_PROBLEMS) -> list[dict]:
+    """Chat examples: every chatterbot dialog, plus `chain_sum` arithmetic problems in the RL env's format."""
+    import reasoning_gym
+
+    from regretless.data.builtin import chatterbot
+    from regretless.rl.envs import INSTRUCTION
+
+    examples = [{"messages": ex["messages"]} for ex in chatterbot()]
+    for k, terms in enumerate((2, 3)):
+        ds = reasoning_gym.create_dataset("chain_sum", size=chain_sum // 2, seed=seed + k, min_terms=terms,
+                                          max_terms=terms, min_digits=1, max_digits=1)
+        examples += [{"messages": [{"role": "system", "content": INSTRUCTION},
+                                   {"role": "user", "content": str(e["question"])},
+                                   {"role": "assistant", "content": f"#### {e['answer']}"}]} for e in ds]
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
+def _tokenizer_texts(examples: list[dict], seed: int) -> list[str]:
+    import reasoning_gym
+
+    texts = [m["content"] for ex in examples for m in ex["messages"]]
+    for e in reasoning_gym.create_dataset("gsm_symbolic", size=300, seed=seed + 100):
+        texts += [str(e["question"]), str(e["metadata"]["answer_cot"])]
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = VOCAB):
+    """A byte-level BPE with one token per digit, a ChatML template, eos <|im_end|> and pad <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None)
+    fast.chat_template = CHATML
+    return fast
+
+
+def init_model(tok, seed: int, shape: dict[str, Any] | None = None):
+    """A randomly initialised Llama of `shape` (default SHAPE) for tokenizer `tok`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=None, **(shape or SHAPE))
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def build(out: str | Path, steps: int = STEPS, seed: int = 0, quiet: bool = False, *,
+          chain_sum: int = CHAIN_SUM_PROBLEMS, shape: dict[str, Any] | None = None) -> Path:
+    """Pretrain tiny-base into `out` (atomic; returns `out`). Smaller `steps`/`chain_sum`/`shape` are for tests."""
+    from regretless.config import SFTConfig
+    from regretless.train import run_sft
+
+    if steps < 1:
+        raise UserError(f"pretrain steps: expected a positive integer, got {steps}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        examples = corpus(CORPUS_SEED + seed, chain_sum)
+        with open(tmp / "corpus.jsonl", "w") as f:
+            for ex in examples:
+                f.write(json.dumps(ex) + "\n")
+        tok = train_tokenizer(_tokenizer_texts(examples, CORPUS_SEED + seed))
+        model = init_model(tok, seed, shape)
+        model.save_pretrained(tmp / "init")
+        tok.save_pretrained(tmp / "init")
+        n_params = sum(p.numel() for p in model.parameters())
+        _say(f"pretraining a {n_params / 1e6:.2f}M-parameter Llama on {len(examples)} chat examples, "
+             f"{steps} steps of {BATCH} x {SEQ_LEN} tokens", quiet)
+        cfg = SFTConfig(model=str(tmp / "init"), out=str(tmp / "run"), data=str(tmp / "corpus.jsonl"), lora=None,
+                        lr=LR, lr_schedule="cosine", warmup_steps=min(WARMUP, steps // 5), steps=steps,
+                        batch_size=BATCH, seq_len=SEQ_LEN, packing=True, eval_size=128, eval_every=steps,
+                        save_every=steps, log_every=10, seed=seed, device="cpu", dtype="fp32")
+        summary = run_sft(cfg)
+        if summary["status"] != "done":
+            raise UserError(f"pretraining tiny-base diverged (see {tmp / 'run'})")
+        evals = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+        evals = [r["eval_loss"] for r in evals if "eval_loss" in r]
+        final = tmp / "final"
+        shutil.copytree(tmp / "run" / "model", final)
+        record = {"name": "tiny-base", "steps": steps, "seed": seed, "params": n_params, "vocab": len(tok),
+                  "shape": shape or SHAPE, "examples": len(examples), "first_eval_loss": evals[0],
+                  "final_eval_loss": evals[-1], "final_train_loss": summary["final_loss"],
+                  "tokens_trained": summary["tokens"], "wall_s": round(time.time() - t0, 1)}
+        (final / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+        (final / ".complete").write_text(json.dumps(record) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(final, out)
+        _say(f"tiny-base ready in {record['wall_s']:.0f} s: eval loss {evals[0]:.3f} -> {evals[-1]:.3f} ({out})",
+             quiet)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def prepare(out: Path, quiet: bool = False) -> Path:
+    """`out` if built, else build it once (a lock file serialises concurrent callers)."""
+    if (out / ".complete").is_file():
+        return out
+    _check_packages()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / ".complete").is_file():
+            _say("building the built-in model tiny-base (first use, ~1-2 minutes)", quiet)
+            build(out, quiet=quiet)
+    return out
+
+
+def _check_packages() -> None:
+    for name in ("chatterbot_corpus", "reasoning_gym", "tokenizers"):
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"tiny-base needs the Python package {name!r}; pip install it")
+
+
+__all__ = ["build", "corpus", "init_model", "prepare", "train_tokenizer"]
