@@ -56,7 +56,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_config(model: nn.Module, cfg: LoRAConfig, base_model: str) -> dict:
-    modules = sorted({name.rsplit(".", 1)[-1] for name, m in lora_modules(model) if isinstance(m, LoRALinear)})
     params, rank_pattern = [], {}
     for name, m in lora_modules(model):
         if isinstance(m, LoRAExperts):
@@ -76,9 +75,14 @@ def adapter_config(model: nn.Module, cfg: LoRAConfig, base_model: str) -> dict:
         "target_modules": target_modules, "target_parameters": params or None, "rank_pattern": rank_pattern,
         "alpha_pattern": {}, "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
         "use_dora": False, "inference_mode": True,
-        "regretless": {"targets": list(cfg.targets) if not isinstance(cfg.targets, str) else cfg.targets,
-                       "module_names": modules, "lr_b_mult": cfg.lr_b_mult, "expert_rank": cfg.expert_rank},
     }
+
+
+def _regretless_metadata(model: nn.Module, cfg: LoRAConfig) -> str:
+    """How regretless chose the targets; kept in the safetensors header, where PEFT does not look."""
+    modules = sorted({name.rsplit(".", 1)[-1] for name, m in lora_modules(model) if isinstance(m, LoRALinear)})
+    return json.dumps({"targets": list(cfg.targets) if not isinstance(cfg.targets, str) else cfg.targets,
+                       "module_names": modules, "lr_b_mult": cfg.lr_b_mult, "expert_rank": cfg.expert_rank})
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig, base_model: str = "") -> Path:
@@ -87,7 +91,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig, base_mo
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "regretless": _regretless_metadata(model, cfg)})
         (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config(model, cfg, base_model), indent=2))
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
