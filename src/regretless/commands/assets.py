@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cache: {assets.cache_dir()}")
         for name, spec in assets.BUILTIN_MODELS.items():
             state = "cached" if assets.is_prepared(name) else "not cached"
-            print(f"  {name:<16} model  {state:<10}  {assets.model_dir(name)}  "
-                  f"(from {spec['package']}=={spec['version']}: {spec['file']})")
+            source = spec.get("source") or f"from {spec['package']}=={spec['version']}: {spec['file']}"
+            print(f"  {name:<16} model  {state:<10}  {assets.model_dir(name)}  ({source})")
         return 0
     if args.name not in assets.BUILTIN_MODELS:
         raise UserError(f"unknown built-in asset {args.name!r}; expected one of: {', '.join(assets.BUILTIN_MODELS)}")

@@ -78,7 +78,8 @@ class LoRALinear(nn.Module):
         dev = x.device.type
         W, bias = self.base_layer.weight, self.base_layer.bias
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
-        if W.requires_grad or (bias is not None and bias.requires_grad):  # base also trained: plain autograd
+        if (W.requires_grad or (bias is not None and bias.requires_grad)  # base also trained
+                or torch.compiler.is_compiling()):  # let inductor fuse the plain ops into its own kernels
             h = x.to(dt)
             return self.base_layer(x) + (self.scale * (h @ self.lora_A.to(dt).T) @ self.lora_B.to(dt).T)
         with torch.autocast(dev, enabled=False):

@@ -68,9 +68,11 @@ def _draw(logits_N_V: torch.Tensor, temperature: float, top_p: float, generator:
         outside_N_V = sorted_N_V.cumsum(-1) - sorted_N_V > top_p  # the top token is always kept
         sorted_N_V = sorted_N_V.masked_fill(outside_N_V, 0.0)
         probs_N_V = torch.zeros_like(probs_N_V).scatter(-1, order_N_V, sorted_N_V)
+    # exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) draws i with probability p_i (one vectorized pass;
+    # torch.multinomial was 18% of CPU sampling time)
     gen_device = generator.device if generator is not None else probs_N_V.device
-    tok_N = torch.multinomial(probs_N_V.to(gen_device), 1, generator=generator).squeeze(-1)
-    return tok_N.to(probs_N_V.device)
+    race_N_V = torch.empty(probs_N_V.shape, device=gen_device).exponential_(generator=generator)
+    return (probs_N_V / race_N_V.to(probs_N_V.device)).argmax(-1)
 
 
 @torch.no_grad()
