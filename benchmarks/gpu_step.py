@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from regretless import lm  # noqa: E402
-from regretless.counts import flops_per_token  # noqa: E402
-from regretless.lora import LoRAConfig, apply_lora, param_groups  # noqa: E402
+from regretless import lm
+from regretless.counts import flops_per_token
+from regretless.lora import LoRAConfig, apply_lora, param_groups
 
 SHAPES = {
     "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -151,8 +151,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     full = next((r for r in rows if r["method"].startswith("full") and "ms_per_step" in r), None)
     print(f"\n{'method':<11} {'ms/step':>9} {'tok/s':>9} {'vs full':>8} {'TFLOP/s':>8} {'mem GB':>7}")
     for r in rows:

@@ -61,9 +61,9 @@ def test_sft_step_bf16_autocast_lowers_loss(tiny_llama_dir, tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("rank", [4, 16])
 def test_grouped_linear_matches_loop_on_same_bf16_inputs(rank):
-    from regretless.lora.experts import LoRAExperts
-
     from conftest import build_model, tiny_qwen3_moe_config
+
+    from regretless.lora.experts import LoRAExperts
 
     cfg = tiny_qwen3_moe_config(hidden_size=64, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4)
     model = build_model(cfg).to("cuda", torch.bfloat16)

@@ -184,8 +184,9 @@ def test_lr_schedules():
 
 
 def test_default_lr_comes_from_the_recipe(tiny_llama_dir, tmp_path, capsys):
-    from regretless.recipe import default_lr
     from transformers import AutoConfig
+
+    from regretless.recipe import default_lr
 
     data = chat_jsonl(tmp_path / "chat.jsonl")
     s = run_sft(cfg_for(tiny_llama_dir, data, tmp_path / "r", lr=None, steps=1))

@@ -74,7 +74,7 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif keep_until_step is None and self.path.exists():
             self.path.unlink()
-        self._f = open(self.path, "a")
+        self._f = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed by close()
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")
@@ -144,6 +144,18 @@ class Checkpointer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         return json.loads((ck / "state.json").read_text())
+
+
+def restore(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+            resume: bool) -> tuple[int, Checkpointer, MetricsLog]:
+    """(start step, checkpointer, metrics log): when resuming, the last good checkpoint is loaded into the model,
+    optimizer, RNG and `state` (updated in place), and metrics past it are dropped; otherwise a fresh log."""
+    ckpt = Checkpointer(out)
+    loaded = ckpt.load_latest(model, optimizer) if resume else None
+    start = loaded.pop("step") if loaded else 0
+    if loaded:
+        state.update(loaded)
+    return start, ckpt, MetricsLog(out, keep_until_step=start if loaded else None)
 
 
 def finish_marker(out: Path) -> dict | None:

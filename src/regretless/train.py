@@ -30,8 +30,7 @@ from regretless.config import SFTConfig
 from regretless.errors import UserError
 from regretless.lora import apply_lora, param_groups, save_adapter
 from regretless.models import default_device, load_model
-from regretless.runfiles import Checkpointer, MetricsLog, finish_marker, prepare_run_dir, save_atomically, \
-    write_summary
+from regretless.runfiles import finish_marker, prepare_run_dir, restore, save_atomically, write_summary
 
 
 def log(msg: str) -> None:
@@ -161,7 +160,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     examples = data.load_examples(cfg.data, seed=cfg.seed)  # bad data fails before the model loads
     train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_size, cfg.seed)
     seed_everything(cfg.seed)
-    model, tok, model_path, device, amp, report = setup_policy(cfg)
+    model, tok, model_path, device, amp, _ = setup_policy(cfg)
     train_tok, stats = data.tokenize(train_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (train)")
     eval_tok, eval_stats = data.tokenize(eval_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (eval)")
     log(stats.summary())
@@ -179,19 +178,14 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
 
     lr = resolve_lr(cfg, model, total)
     optimizer = build_optimizer(model, cfg, lr)
-    ckpt = Checkpointer(out)
     state = {"epoch": 0, "micro_in_epoch": 0, "tokens": 0, "first_loss": None, "best_eval": None,
              "last_eval": None, "wall_s": 0.0}
-    start = 0
-    loaded = ckpt.load_latest(model, optimizer) if resume else None
-    if loaded:
-        start = loaded.pop("step")
-        state.update(loaded)
+    start, ckpt, metrics = restore(out, model, optimizer, state, resume)
+    if start:
         log(f"resumed from step {start}")
-    metrics = MetricsLog(out, keep_until_step=start if loaded else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{total} steps of {cfg.batch_size} sequences ({accum} x {micro}), lr {lr:.3g}, "
-        f"{'LoRA r=%d' % cfg.lora.rank if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters on {device}")
+        f"{f'LoRA r={cfg.lora.rank}' if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters on {device}")
 
     def micro_batches():
         epoch, skip = state["epoch"], state["micro_in_epoch"]
@@ -291,6 +285,3 @@ def _check_sft(cfg: SFTConfig) -> None:
     if cfg.eval_size < 0:
         raise UserError(f"eval_size: expected >= 0, got {cfg.eval_size}")
 
-
-__all__ = ["run_sft", "setup_policy", "build_optimizer", "resolve_lr", "lr_multiplier", "set_lr", "save_final",
-           "evaluate", "autocast", "to_device", "seed_everything", "log"]

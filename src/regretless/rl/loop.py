@@ -33,7 +33,7 @@ from regretless.lora import adapters_disabled
 from regretless.rl.envs import make_env
 from regretless.rl.evaluate import encode_problems, greedy_eval
 from regretless.rl.step import Reference, policy_gradient_step
-from regretless.runfiles import Checkpointer, MetricsLog, finish_marker, prepare_run_dir, write_summary
+from regretless.runfiles import finish_marker, prepare_run_dir, restore, write_summary
 from regretless.train import (
     autocast,
     build_optimizer,
@@ -106,16 +106,11 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
     lr = resolve_lr(cfg, model, cfg.steps)
     optimizer = build_optimizer(model, cfg, lr)
     reference = build_reference(model, cfg)  # before resuming: the reference is the base model
-    ckpt = Checkpointer(out)
     state: dict[str, Any] = {"first_eval": None, "last_eval": None, "best_eval": None, "last_reward": None,
                              "episodes": 0, "wall_s": 0.0}
-    start = 0
-    loaded = ckpt.load_latest(model, optimizer) if resume else None
-    if loaded:
-        start = loaded.pop("step")
-        state.update(loaded)
+    start, ckpt, metrics = restore(out, model, optimizer, state, resume)
+    if start:
         log(f"resumed from step {start}")
-    metrics = MetricsLog(out, keep_until_step=start if loaded else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples, lr {lr:.3g}, "
         f"{f'LoRA r={cfg.lora.rank}' if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters "
