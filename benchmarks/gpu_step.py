@@ -27,15 +27,15 @@ from regretless.counts import flops_per_token
 from regretless.lora import LoRAConfig, apply_lora, param_groups
 
 SHAPES = {
-    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
-                     max_position_embeddings=8192),
-    "llama-8b-4l": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
-                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
-    "qwen3-moe-small": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                            num_hidden_layers=6, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                            num_experts=128, num_experts_per_tok=8, vocab_size=151936, decoder_sparse_step=1,
-                            mlp_only_layers=[], max_position_embeddings=8192),
+    "llama-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True,
+                     "max_position_embeddings": 8192},
+    "llama-8b-4l": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4,
+                        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192},
+    "qwen3-moe-small": {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                            "num_hidden_layers": 6, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                            "num_experts": 128, "num_experts_per_tok": 8, "vocab_size": 151936, "decoder_sparse_step": 1,
+                            "mlp_only_layers": [], "max_position_embeddings": 8192},
 }
 
 
@@ -124,7 +124,7 @@ def run(method: str, args) -> dict:
            "model_tflops_per_s": round(flops * tokens / ms / 1e9, 1),
            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
            "flops_per_token": flops, "spread_ms": round(max(times) - min(times), 2)}
-    del model, opt, batch
+    step = None  # drop the closure (and with it the model, optimizer and batch) before the next method
     gc.collect()
     return res
 

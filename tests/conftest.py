@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def _chatterbot_texts() -> list[str]:
     root = os.path.join(os.path.dirname(spec.origin), "data", "english")
     texts = []
     for f in sorted(glob.glob(os.path.join(root, "*.yml"))):
-        for conv in yaml.safe_load(open(f)).get("conversations", []):
+        for conv in yaml.safe_load(Path(f).read_text()).get("conversations", []):
             texts += [str(x) for x in conv]
     return texts
 
@@ -64,9 +65,9 @@ def tiny_tokenizer(tokenizer_dir):
 def tiny_llama_config(**kw):
     from transformers import LlamaConfig
 
-    base = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-                eos_token_id=2, pad_token_id=0, bos_token_id=None)
+    base = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True,
+                "eos_token_id": 2, "pad_token_id": 0, "bos_token_id": None}
     base.update(kw)
     return LlamaConfig(**base)
 
@@ -74,10 +75,10 @@ def tiny_llama_config(**kw):
 def tiny_qwen3_moe_config(**kw):
     from transformers import Qwen3MoeConfig
 
-    base = dict(vocab_size=512, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8,
-                num_experts_per_tok=2, max_position_embeddings=256, decoder_sparse_step=1, mlp_only_layers=[],
-                tie_word_embeddings=False, eos_token_id=2, pad_token_id=0, bos_token_id=None)
+    base = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "num_experts": 8,
+                "num_experts_per_tok": 2, "max_position_embeddings": 256, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                "tie_word_embeddings": False, "eos_token_id": 2, "pad_token_id": 0, "bos_token_id": None}
     base.update(kw)
     return Qwen3MoeConfig(**base)
 
