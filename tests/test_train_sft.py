@@ -193,3 +193,10 @@ def test_default_lr_comes_from_the_recipe(tiny_llama_dir, tmp_path, capsys):
     expected, _ = default_lr(AutoConfig.from_pretrained(tiny_llama_dir), "lora", 1)
     assert s["lr"] == pytest.approx(expected)
     assert "from the recipe" in capsys.readouterr().err
+
+
+def test_no_eval_split(tiny_llama_dir, tmp_path):
+    data = chat_jsonl(tmp_path / "chat.jsonl")
+    s = run_sft(cfg_for(tiny_llama_dir, data, tmp_path / "r", eval_size=0, steps=2))
+    assert s["status"] == "done" and s["final_eval_loss"] is None
+    assert all("eval_loss" not in r for r in read_metrics(tmp_path / "r"))

@@ -45,7 +45,9 @@ STEPS = 150  # ~1-2 minutes on 2 CPU cores
 BATCH, SEQ_LEN, LR, WARMUP = 32, 128, 3e-3, 15
 THREADS = 1  # torch threads: 2 OpenMP threads ran this small model ~15x slower on 2 cores shared with others
 CORPUS_SEED = 10_000
-CHAIN_SUM_PROBLEMS = 5000
+CHAIN_SUM_PROBLEMS = 4000
+GSM_QUESTIONS = 2000
+GSM_PROMPT = "Write a math word problem."
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -57,31 +59,29 @@ def _say(msg: str, quiet: bool) -> None:
         print(f"[regretless pretrain] {msg}", file=sys.stderr, flush=True)
 
 
-def corpus(seed: int = CORPUS_SEED, chain_sum: int = CHAIN_SUM_PROBLEMS) -> list[dict]:
-    """Chat examples: every chatterbot dialog, plus `chain_sum` arithmetic problems in the RL env's format."""
+def corpus(seed: int = CORPUS_SEED, chain_sum: int | None = None, gsm: int | None = None) -> list[dict]:
+    """Chat examples, shuffled: every chatterbot dialog; `chain_sum` arithmetic problems in the RL env's format;
+    `gsm` GSM-style word problems as assistant text (the domain's language, never a worked solution)."""
     import reasoning_gym
 
     from regretless.data.builtin import chatterbot
     from regretless.rl.envs import INSTRUCTION
 
+    chain_sum = CHAIN_SUM_PROBLEMS if chain_sum is None else chain_sum
+    gsm = GSM_QUESTIONS if gsm is None else gsm
     examples = [{"messages": ex["messages"]} for ex in chatterbot()]
     for k, terms in enumerate((2, 3)):
-        ds = reasoning_gym.create_dataset("chain_sum", size=chain_sum // 2, seed=seed + k, min_terms=terms,
-                                          max_terms=terms, min_digits=1, max_digits=1)
+        ds = reasoning_gym.create_dataset("chain_sum", size=max(1, chain_sum // 2), seed=seed + k,
+                                          min_terms=terms, max_terms=terms, min_digits=1, max_digits=1)
         examples += [{"messages": [{"role": "system", "content": INSTRUCTION},
                                    {"role": "user", "content": str(e["question"])},
                                    {"role": "assistant", "content": f"#### {e['answer']}"}]} for e in ds]
+    if gsm:
+        ds = reasoning_gym.create_dataset("gsm_symbolic", size=gsm, seed=seed + 2)
+        examples += [{"messages": [{"role": "user", "content": GSM_PROMPT},
+                                   {"role": "assistant", "content": str(e["question"])}]} for e in ds]
     random.Random(seed).shuffle(examples)
     return examples
-
-
-def _tokenizer_texts(examples: list[dict], seed: int) -> list[str]:
-    import reasoning_gym
-
-    texts = [m["content"] for ex in examples for m in ex["messages"]]
-    for e in reasoning_gym.create_dataset("gsm_symbolic", size=300, seed=seed + 100):
-        texts += [str(e["question"]), str(e["metadata"]["answer_cot"])]
-    return texts
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = VOCAB):
@@ -114,24 +114,25 @@ def init_model(tok, seed: int, shape: dict[str, Any] | None = None):
 
 
 def build(out: str | Path, steps: int | None = None, seed: int = 0, quiet: bool = False, *,
-          chain_sum: int | None = None, shape: dict[str, Any] | None = None, threads: int = THREADS) -> Path:
-    """Pretrain tiny-base into `out` (atomic; returns `out`). Defaults: STEPS, CHAIN_SUM_PROBLEMS, SHAPE (read at
+          chain_sum: int | None = None, gsm: int | None = None, shape: dict[str, Any] | None = None,
+          threads: int = THREADS) -> Path:
+    """Pretrain tiny-base into `out` (atomic; returns `out`). Defaults: STEPS, CHAIN_SUM_PROBLEMS, GSM_QUESTIONS, SHAPE (read at
     call time; smaller values are for tests)."""
     import torch
 
     steps = STEPS if steps is None else steps
-    chain_sum = CHAIN_SUM_PROBLEMS if chain_sum is None else chain_sum
     if steps < 1:
         raise UserError(f"pretrain steps: expected a positive integer, got {steps}")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _build(Path(out), steps, seed, quiet, chain_sum, shape)
+        return _build(Path(out), steps, seed, quiet, chain_sum, gsm, shape)
     finally:
         torch.set_num_threads(before)
 
 
-def _build(out: Path, steps: int, seed: int, quiet: bool, chain_sum: int, shape: dict[str, Any] | None) -> Path:
+def _build(out: Path, steps: int, seed: int, quiet: bool, chain_sum: int | None, gsm: int | None,
+           shape: dict[str, Any] | None) -> Path:
     from regretless.config import SFTConfig
     from regretless.train import run_sft
 
@@ -139,11 +140,10 @@ def _build(out: Path, steps: int, seed: int, quiet: bool, chain_sum: int, shape:
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        examples = corpus(CORPUS_SEED + seed, chain_sum)
+        examples = corpus(CORPUS_SEED + seed, chain_sum, gsm)
         with open(tmp / "corpus.jsonl", "w") as f:
-            for ex in examples:
-                f.write(json.dumps(ex) + "\n")
-        tok = train_tokenizer(_tokenizer_texts(examples, CORPUS_SEED + seed))
+            f.writelines(json.dumps(ex) + "\n" for ex in examples)
+        tok = train_tokenizer([m["content"] for ex in examples for m in ex["messages"]])
         shape = shape or SHAPE
         model = init_model(tok, seed, shape)
         model.save_pretrained(tmp / "init")

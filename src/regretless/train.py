@@ -162,9 +162,11 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     seed_everything(cfg.seed)
     model, tok, model_path, device, amp, _ = setup_policy(cfg)
     train_tok, stats = data.tokenize(train_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (train)")
-    eval_tok, eval_stats = data.tokenize(eval_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (eval)")
     log(stats.summary())
-    log(eval_stats.summary())
+    eval_tok = []
+    if eval_ex:  # eval_size=0: no held-out split, no eval
+        eval_tok, eval_stats = data.tokenize(eval_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (eval)")
+        log(eval_stats.summary())
     if not train_tok:
         raise UserError(f"{cfg.data}: no training examples left after tokenization")
     micro = cfg.micro_batch_size or cfg.batch_size
