@@ -2,7 +2,7 @@
 
 Both: SmolLM2-135M-Instruct (the built-in, fp32), the chatterbot dialogs in chat format, LoRA r=8 with α=32 on
 every linear layer but the LM head, batch 8 sequences, max length 512, AdamW, loss on assistant tokens only, the
-same number of optimizer steps. Throughput = non-padding input tokens per second of training-step wall time,
+same number of optimizer steps, fp32 without gradient checkpointing on both sides. Throughput = non-padding input tokens per second of training-step wall time,
 skipping the first `--warmup` steps. TRL is an optional dependency: `pip install 'regretless[bench]'`.
 
     OMP_NUM_THREADS=2 python benchmarks/sft_cpu_vs_trl.py --steps 30
@@ -64,7 +64,10 @@ def bench_trl(model_dir: str, steps: int, warmup: int, batch: int, seq_len: int,
         args = SFTConfig(output_dir=tmp, per_device_train_batch_size=batch, max_length=seq_len, max_steps=steps,
                          learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=10**6, save_strategy="no",
                          report_to=[], use_cpu=True, include_num_input_tokens_seen="non_padding",
-                         assistant_only_loss=False, dataloader_num_workers=0, seed=0)
+                         assistant_only_loss=False, dataloader_num_workers=0, seed=0,
+                         # TRL's defaults are bf16 autocast and gradient checkpointing (both slow on a CPU):
+                         # turn them off so both sides run fp32 without recomputation
+                         bf16=False, gradient_checkpointing=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
                              processing_class=tok,
                              peft_config=LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0,

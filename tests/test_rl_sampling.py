@@ -91,3 +91,34 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_tokenizer, tiny_llama)
     nucleus = sample(tiny_llama, tiny_tokenizer, prompts, n=2, max_new_tokens=6, top_p=1e-6,
                      generator=torch.Generator().manual_seed(0))
     assert torch.equal(greedy.tokens_N_T, nucleus.tokens_N_T)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_group_logprobs_share_the_prompt_and_match_per_row(family):
+    """Running each prompt once (KV cache repeated for its G completions) gives the same log-probs and the same
+    LoRA gradients as running every row's prompt separately."""
+    from conftest import build_model, tiny_llama_config, tiny_qwen3_moe_config
+
+    from regretless.lora import LoRAConfig, apply_lora
+    from regretless.rl.sampling import completion_logprobs, group_completion_logprobs
+
+    model = build_model(tiny_llama_config() if family == "llama" else tiny_qwen3_moe_config())
+    apply_lora(model, LoRAConfig(rank=4))
+    g = torch.Generator().manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    prompts, G, T = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23]], 3, 6
+    tokens = torch.randint(3, 500, (len(prompts) * G, T), generator=g)
+    mask = torch.arange(T)[None] < torch.randint(1, T + 1, (len(prompts) * G,), generator=g)[:, None]
+    per_row = completion_logprobs(model, [p for p in prompts for _ in range(G)], tokens, mask, 0)
+    per_row.sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    shared = group_completion_logprobs(model, prompts, G, tokens, mask, 0)
+    shared.sum().backward()
+    assert torch.allclose(per_row, shared, atol=1e-5)
+    assert (shared[~mask] == 0).all()
+    for n, p in model.named_parameters():
+        if n in want:
+            assert torch.allclose(p.grad, want[n], atol=1e-5), n

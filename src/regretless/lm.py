@@ -52,7 +52,12 @@ def target_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], targets_B_
         logp = torch.log_softmax(logits, -1)
         ent = -(logp.exp() * logp).sum(-1) if with_entropy else None
         return logp.gather(-1, y_N[:, None])[:, 0], ent
-    h_N_H = hidden_states(model, batch)[sel_B_T]
+    return head_logprobs(model, hidden_states(model, batch)[sel_B_T], y_N, with_entropy)
+
+
+def head_logprobs(model: nn.Module, h_N_H: torch.Tensor, y_N: torch.Tensor, with_entropy: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(y_n | h_n) through the LM head, CHUNK positions at a time (fp32 log-softmax)."""
     out, ents = [], []
     for s in range(0, h_N_H.shape[0], CHUNK):
         logits = _head_logits(model, h_N_H[s:s + CHUNK])
@@ -63,6 +68,19 @@ def target_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], targets_B_
                 p = torch.softmax(logits, -1)
                 ents.append(lse - (p * logits).sum(-1))
     return torch.cat(out), (torch.cat(ents) if with_entropy else None)
+
+
+def cache_kw(model: nn.Module) -> str:
+    """The forward argument that takes a KV cache: `cache` in recent transformers 5, `past_key_values` before."""
+    import inspect
+
+    target = getattr(model, "base_model", model)
+    return "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
+
+
+def has_trunk(model: nn.Module) -> bool:
+    """True when the model splits into a trunk (`base_model`) and a plain LM head, as most causal LMs do."""
+    return _trunk_and_head(model) is not None
 
 
 def shifted_targets(labels_B_T: torch.Tensor) -> torch.Tensor:

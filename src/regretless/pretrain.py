@@ -1,25 +1,27 @@
 """The built-in model `tiny-base`: a small Llama pretrained by regretless itself, offline, in about a minute.
 
 Why: `regretless reproduce --preset quick` must run dozens of real fine-tuning runs on 2 CPU cores in 15
-minutes, and SmolLM2-135M takes 1-2 s per optimizer step there. A ~1M-parameter Llama trained here for a
-minute is a real (if tiny) pretrained base: it has learned the ChatML format, English-ish chit-chat and easy
-arithmetic, and still has everything to learn about GSM-style worked solutions (the fine-tuning set).
+minutes, and SmolLM2-135M takes 1-2 s per optimizer step there. A 1.1M-parameter Llama (hidden 128, 4 layers,
+vocab 2048) trained here for ~150 steps is a real, if tiny, pretrained base: it has learned the ChatML format,
+chit-chat, the "#### <answer>" convention and some one-digit arithmetic, and has seen a little GSM-style text.
 
 `build(out)` does, deterministically for a seed:
-1. corpus: the chatterbot-corpus dialogs plus reasoning-gym `chain_sum` problems (2 or 3 one-digit terms) in
-   the exact chat format of the RL environment (`regretless.rl.envs`: its system instruction, the question,
-   and "#### <answer>" as the assistant turn), so `rg:chain_sum` scores above zero from the start.
-   Seeds are >= `CORPUS_SEED`, disjoint from the fine-tuning and RL seeds (0, 1, ...).
-2. tokenizer: byte-level BPE (`tokenizers`, vocab `VOCAB`), digits split one per token (arithmetic), ChatML
-   template, eos `<|im_end|>`, pad `<|endoftext|>`. Trained on the corpus text plus GSM-symbolic questions and
-   solutions from a disjoint seed (vocabulary coverage only: the model itself never trains on GSM text).
+1. corpus (`corpus`): every chatterbot-corpus dialog; `CHAIN_SUM_PROBLEMS` reasoning-gym `chain_sum` problems
+   with 2 (70%) or 3 one-digit terms in the exact chat format of the RL environment (`regretless.rl.envs`: its
+   system instruction, the question, "#### <answer>" as the assistant turn), so `rg:chain_sum` scores above
+   zero from the start; and `GSM_PROBLEMS` GSM-style problems with worked solutions. All from seeds
+   >= `CORPUS_SEED`, disjoint from the fine-tuning and RL seeds (0, 1, ...). The GSM part is small on purpose:
+   without it the base has never produced the domain's tokens and FullFT wins mostly by training their
+   embeddings (which LoRA never touches); with much more of it the fine-tuning set has little left to teach.
+2. tokenizer: byte-level BPE (`tokenizers`, vocab `VOCAB`) trained on the corpus text, one token per digit
+   (arithmetic), ChatML template, eos `<|im_end|>`, pad `<|endoftext|>`.
 3. model: a randomly initialised `LlamaForCausalLM` of `SHAPE`, then FullFT with the normal SFT trainer
    (`regretless.train.run_sft`) on the corpus: packed rows, AdamW with warm-up and cosine decay (pretraining,
-   not the paper's fine-tuning protocol), `steps` optimizer steps of `BATCH` x `SEQ_LEN` tokens.
-   The loss covers assistant turns only (that is what the trainer's chat data trains on).
+   not the paper's fine-tuning protocol), `STEPS` optimizer steps of `BATCH` x `SEQ_LEN` tokens, one torch
+   thread. The loss covers assistant turns only (what the trainer's chat data trains on).
 4. the final HF folder (safetensors + tokenizer) is renamed into place with a `.complete` marker holding the
-   build's record (steps, first and last eval loss, corpus sizes, wall time). A file lock keeps two processes
-   from building it at once.
+   build's record (steps, first and last eval loss, corpus size, wall time; also in `pretrain.json`). A file
+   lock keeps two processes from building it at once.
 """
 
 from __future__ import annotations
@@ -45,9 +47,8 @@ STEPS = 150  # ~1-2 minutes on 2 CPU cores
 BATCH, SEQ_LEN, LR, WARMUP = 32, 128, 3e-3, 15
 THREADS = 1  # torch threads: 2 OpenMP threads ran this small model ~15x slower on 2 cores shared with others
 CORPUS_SEED = 10_000
-CHAIN_SUM_PROBLEMS = 4000
-GSM_QUESTIONS = 2000
-GSM_PROMPT = "Write a math word problem."
+CHAIN_SUM_PROBLEMS = 3500
+GSM_PROBLEMS = 400
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -68,18 +69,19 @@ def corpus(seed: int = CORPUS_SEED, chain_sum: int | None = None, gsm: int | Non
     from regretless.rl.envs import INSTRUCTION
 
     chain_sum = CHAIN_SUM_PROBLEMS if chain_sum is None else chain_sum
-    gsm = GSM_QUESTIONS if gsm is None else gsm
+    gsm = GSM_PROBLEMS if gsm is None else gsm
     examples = [{"messages": ex["messages"]} for ex in chatterbot()]
-    for k, terms in enumerate((2, 3)):
-        ds = reasoning_gym.create_dataset("chain_sum", size=max(1, chain_sum // 2), seed=seed + k,
+    for k, (terms, share) in enumerate(((2, 0.7), (3, 0.3))):  # mostly the 200 two-term sums: learnable here
+        ds = reasoning_gym.create_dataset("chain_sum", size=max(1, round(chain_sum * share)), seed=seed + k,
                                           min_terms=terms, max_terms=terms, min_digits=1, max_digits=1)
         examples += [{"messages": [{"role": "system", "content": INSTRUCTION},
                                    {"role": "user", "content": str(e["question"])},
                                    {"role": "assistant", "content": f"#### {e['answer']}"}]} for e in ds]
     if gsm:
         ds = reasoning_gym.create_dataset("gsm_symbolic", size=gsm, seed=seed + 2)
-        examples += [{"messages": [{"role": "user", "content": GSM_PROMPT},
-                                   {"role": "assistant", "content": str(e["question"])}]} for e in ds]
+        examples += [{"messages": [{"role": "user", "content": str(e["question"])},
+                                   {"role": "assistant", "content": str(e["metadata"]["answer_cot"]).strip()}]}
+                     for e in ds]
     random.Random(seed).shuffle(examples)
     return examples
 
@@ -116,7 +118,7 @@ def init_model(tok, seed: int, shape: dict[str, Any] | None = None):
 def build(out: str | Path, steps: int | None = None, seed: int = 0, quiet: bool = False, *,
           chain_sum: int | None = None, gsm: int | None = None, shape: dict[str, Any] | None = None,
           threads: int = THREADS) -> Path:
-    """Pretrain tiny-base into `out` (atomic; returns `out`). Defaults: STEPS, CHAIN_SUM_PROBLEMS, GSM_QUESTIONS, SHAPE (read at
+    """Pretrain tiny-base into `out` (atomic; returns `out`). Defaults: STEPS, CHAIN_SUM_PROBLEMS, GSM_PROBLEMS, SHAPE (read at
     call time; smaller values are for tests)."""
     import torch
 

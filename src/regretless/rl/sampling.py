@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from regretless.lm import target_logprobs
+from regretless.lm import cache_kw, has_trunk, head_logprobs, target_logprobs
 
 
 @dataclass
@@ -95,8 +95,9 @@ def sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]]
     ids_P_L, attn_P_L = left_pad(prompts_token_ids, pad_token_id)
     ids_P_L, attn_P_L = ids_P_L.to(device), attn_P_L.to(device)
     cache = DynamicCache(config=model.config)
+    ckw = cache_kw(model)
     out = model(input_ids=ids_P_L, attention_mask=attn_P_L, position_ids=_positions(attn_P_L),
-                cache=cache, use_cache=True, logits_to_keep=1)
+                **{ckw: cache}, use_cache=True, logits_to_keep=1)
     N = len(prompts_token_ids) * n
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -133,7 +134,7 @@ def sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]]
         attn_A_L = torch.cat([attn_A_L, attn_A_L.new_ones((len(alive_A), 1))], dim=1)
         pos_A = pos_A + 1
         out = model(input_ids=tok_A[:, None], attention_mask=attn_A_L, position_ids=pos_A[:, None],
-                    cache=cache, use_cache=True)
+                    **{ckw: cache}, use_cache=True)
         logits_A_V = out.logits[:, -1].float()
 
     T = int(lengths_N.max()) if N else 0
@@ -170,3 +171,37 @@ def completion_logprobs(model: torch.nn.Module, prompts_token_ids: list[list[int
     logp_M, _ = target_logprobs(model, batch, targets_N_S.to(device))  # M = masked tokens, row-major
     logp_N_T = torch.zeros((N, T), dtype=logp_M.dtype, device=device)
     return logp_N_T.masked_scatter(mask_N_T.to(device), logp_M)
+
+
+def group_completion_logprobs(model: torch.nn.Module, prompts_token_ids: list[list[int]], group_size: int,
+                              tokens_N_T: torch.Tensor, mask_N_T: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """`completion_logprobs` for rows in groups of `group_size` completions of one prompt each (row i * G + j is
+    completion j of prompts_token_ids[i]), running each prompt through the model once instead of G times: the
+    prompt's KV cache (with gradient) is repeated for the group and the completions run on top of it. Same
+    result as `completion_logprobs`; the prompt's share of the training forward shrinks G-fold."""
+    if not has_trunk(model):
+        rows = [p for p in prompts_token_ids for _ in range(group_size)]
+        return completion_logprobs(model, rows, tokens_N_T, mask_N_T, pad_token_id)
+    device = next(model.parameters()).device
+    G = group_size
+    N, T = tokens_N_T.shape
+    trunk = model.base_model
+    ckw = cache_kw(model)
+    ids_P_L, attn_P_L = left_pad(prompts_token_ids, pad_token_id)
+    ids_P_L, attn_P_L = ids_P_L.to(device), attn_P_L.to(device)
+    pos_P_L = _positions(attn_P_L)
+    cache = DynamicCache(config=model.config)
+    h_P_L_H = trunk(input_ids=ids_P_L, attention_mask=attn_P_L, position_ids=pos_P_L, **{ckw: cache},
+                    use_cache=True).last_hidden_state
+    cache.batch_repeat_interleave(G)
+    mask_N_T = mask_N_T.to(device)
+    ids_N_T = tokens_N_T.to(device).masked_fill(~mask_N_T, pad_token_id)
+    attn_N_S = torch.cat([attn_P_L.repeat_interleave(G, 0), mask_N_T.long()], dim=1)
+    pos_N_T = pos_P_L[:, -1:].repeat_interleave(G, 0) + 1 + torch.arange(T, device=device)[None, :]
+    h_N_T_H = trunk(input_ids=ids_N_T, attention_mask=attn_N_S, position_ids=pos_N_T, **{ckw: cache},
+                    use_cache=True).last_hidden_state
+    # the state that predicts completion token t: the prompt's last position for t = 0, else completion t - 1
+    h_pred_N_T_H = torch.cat([h_P_L_H[:, -1:].repeat_interleave(G, 0), h_N_T_H[:, :-1]], dim=1)
+    logp_M, _ = head_logprobs(model, h_pred_N_T_H[mask_N_T], tokens_N_T.to(device)[mask_N_T])
+    logp_N_T = torch.zeros((N, T), dtype=logp_M.dtype, device=device)
+    return logp_N_T.masked_scatter(mask_N_T, logp_M)

@@ -5,7 +5,8 @@ policy gradient of the importance-sampled loss into `.grad` (the caller clips, s
     optimizer.step()
 
 Groups whose rewards are all equal carry no signal (their advantages are exactly 0): they are counted in
-`frac_constant_groups` and skipped in the training forward, but their tokens stay in the loss normaliser
+`frac_constant_groups` and skipped in the training forward (which runs each prompt once per group, sharing
+its KV cache among the G completions: `group_completion_logprobs`), but their tokens stay in the loss normaliser
 (see `rl.loss`), so skipping them is exactly the same as training on them with zero advantage. With
 `kl_coef > 0` the KL term is therefore only applied on the trained (non-constant) groups' tokens.
 `accuracy` is the fraction of samples with a positive reward (for the default answer-match reward, correct).
@@ -22,7 +23,7 @@ import torch
 from regretless.config import RLConfig
 from regretless.rl.envs import Env, Problem
 from regretless.rl.loss import constant_groups, group_advantages, pg_loss
-from regretless.rl.sampling import SampleBatch, completion_logprobs, sample
+from regretless.rl.sampling import SampleBatch, group_completion_logprobs, sample
 
 Reference = Callable[[], contextlib.AbstractContextManager[torch.nn.Module]]
 
@@ -52,24 +53,28 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
     rewards_P_G = torch.tensor([g.reward for g in grades], dtype=torch.float32).view(len(problems), G)
     adv_N = group_advantages(rewards_P_G, cfg.normalize_std).flatten()
     constant_P = constant_groups(rewards_P_G)
-    train_rows = (~constant_P).repeat_interleave(G).nonzero().squeeze(-1).tolist()
+    train_groups = (~constant_P).nonzero().squeeze(-1).tolist()
+    train_rows = [p * G + j for p in train_groups for j in range(G)]
 
     t0 = time.perf_counter()
     model.train()
     totals: dict[str, float] = {"loss": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0}
     trained_tokens = 0
     use_kl = cfg.kl_coef > 0 and reference is not None
-    for start in range(0, len(train_rows), cfg.micro_batch_size):
-        rows = train_rows[start:start + cfg.micro_batch_size]
+    per_micro = max(1, cfg.micro_batch_size // G)  # whole groups: each prompt runs once for its G completions
+    for start in range(0, len(train_groups), per_micro):
+        groups = train_groups[start:start + per_micro]
+        rows = [p * G + j for p in groups for j in range(G)]
         T = int(batch.lengths_N[rows].max())
         tokens_B_T, mask_B_T = batch.tokens_N_T[rows, :T], batch.mask_N_T[rows, :T]
-        rows_prompt_ids = [prompt_ids[int(batch.prompt_index_N[r])] for r in rows]
+        group_prompt_ids = [prompt_ids[p] for p in groups]
         logp_ref_B_T = None
         if use_kl:
             with torch.no_grad(), reference() as ref_model, autocast():
-                logp_ref_B_T = completion_logprobs(ref_model, rows_prompt_ids, tokens_B_T, mask_B_T, pad_id)
+                logp_ref_B_T = group_completion_logprobs(ref_model, group_prompt_ids, G, tokens_B_T, mask_B_T,
+                                                         pad_id)
         with autocast():
-            logp_new_B_T = completion_logprobs(model, rows_prompt_ids, tokens_B_T, mask_B_T, pad_id)
+            logp_new_B_T = group_completion_logprobs(model, group_prompt_ids, G, tokens_B_T, mask_B_T, pad_id)
         device = logp_new_B_T.device
         loss, stats = pg_loss(logp_new_B_T, batch.logp_N_T[rows, :T].to(device), adv_N[rows].to(device),
                               mask_B_T.to(device), clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
@@ -79,7 +84,7 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
         for k in ("ratio_mean", "clip_frac", "kl"):
             totals[k] += stats[k] * stats["tokens"]
         totals["tokens"] += stats["tokens"]
-        trained_tokens += sum(len(p) for p in rows_prompt_ids) + int(mask_B_T.sum())
+        trained_tokens += sum(len(p) for p in group_prompt_ids) + int(mask_B_T.sum())
     train_s = time.perf_counter() - t0
     model.eval()
 
