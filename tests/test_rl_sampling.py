@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import build_model, tiny_llama_config, tiny_qwen3_moe_config
 
