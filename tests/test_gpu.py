@@ -98,3 +98,22 @@ def test_sft_with_compile_matches_eager_first_steps(tiny_llama_dir, tmp_path):
     for a, b in zip(runs[False], runs[True]):
         if "loss" in a:
             assert abs(a["loss"] - b["loss"]) < 5e-2 * abs(a["loss"])
+
+
+@needs_cuda
+def test_rl_loop_on_cuda_bf16(tiny_llama_dir, tmp_path):
+    import json
+
+    from regretless.config import RLConfig
+    from regretless.rl.loop import run_rl
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Say something {i}", "answer": "x"}) for i in range(24)))
+    (tmp_path / "rw.py").write_text("def has_e(completion, answer):\n    return float('e' in completion[:6])\n")
+    s = run_rl(RLConfig(model=str(tiny_llama_dir), env=f"{data},reward={tmp_path / 'rw.py'}:has_e",
+                        out=str(tmp_path / "r"), lora=LoRAConfig(rank=2), lr=2e-2, steps=3, problems_per_step=2,
+                        group_size=4, max_new_tokens=6, eval_size=3, eval_every=2, train_size=16, device="cuda"))
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert s["status"] == "done" and len([r for r in rows if "reward" in r]) == 3
+    # bf16 sampling vs bf16-autocast learner: the importance ratio stays near 1
+    assert all(abs(r["ratio_mean"] - 1) < 0.1 for r in rows if "ratio_mean" in r)
