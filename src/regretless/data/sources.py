@@ -81,10 +81,10 @@ def _records(path: str) -> Iterator[tuple[Any, str]]:
     if path.endswith(".parquet"):
         yield from _parquet(path)
         return
-    yield from _json_lines(path)
+    yield from json_records(path)
 
 
-def _json_lines(path: str) -> Iterator[tuple[Any, str]]:
+def json_records(path: str) -> Iterator[tuple[Any, str]]:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

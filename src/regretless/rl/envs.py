@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -132,17 +131,13 @@ def _reasoning_gym(spec: str, seed: int, train_size: int, eval_size: int
 def _jsonl(path: Path, seed: int, train_size: int, eval_size: int) -> tuple[list[Problem], list[Problem]]:
     import random
 
+    from regretless.data.sources import json_records
+
     items = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for obj, where in json_records(str(path)):
         if not isinstance(obj, dict) or "prompt" not in obj or "answer" not in obj:
-            raise UserError(f"{path}:{i}: expected an object with \"prompt\" and \"answer\" keys")
-        items.append((str(obj["prompt"]), str(obj["answer"]), {"line": i}))
+            raise UserError(f"{where}: expected an object with \"prompt\" and \"answer\" keys")
+        items.append((str(obj["prompt"]), str(obj["answer"]), {"where": where}))
     if len(items) < 2:
         raise UserError(f"{path}: need at least 2 prompt/answer lines, found {len(items)}")
     random.Random(seed).shuffle(items)
