@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -156,6 +157,15 @@ def restore(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if loaded:
         state.update(loaded)
     return start, ckpt, MetricsLog(out, keep_until_step=start if loaded else None)
+
+
+def open_run(cfg: Any, command: str, resume: bool) -> tuple[Path, dict | None]:
+    """(run folder, its summary if it already finished): the prologue of every trainer."""
+    out = prepare_run_dir(cfg, command, resume)
+    done = finish_marker(out) if resume else None
+    if done:
+        print(f"[regretless] {out}: finished already ({done['status']}); nothing to do", file=sys.stderr, flush=True)
+    return out, done
 
 
 def finish_marker(out: Path) -> dict | None:

@@ -30,7 +30,7 @@ from regretless.config import SFTConfig
 from regretless.errors import UserError
 from regretless.lora import apply_lora, param_groups, save_adapter
 from regretless.models import default_device, load_model
-from regretless.runfiles import finish_marker, prepare_run_dir, restore, save_atomically, write_summary
+from regretless.runfiles import open_run, restore, save_atomically, write_summary
 
 
 def log(msg: str) -> None:
@@ -153,9 +153,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     from regretless import data
 
     _check_sft(cfg)
-    out = prepare_run_dir(cfg, "sft", resume)
-    if resume and (done := finish_marker(out)):
-        log(f"{out}: finished already ({done['status']}); nothing to do")
+    out, done = open_run(cfg, "sft", resume)
+    if done:
         return done
     examples = data.load_examples(cfg.data, seed=cfg.seed)  # bad data fails before the model loads
     train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_size, cfg.seed)

@@ -33,7 +33,7 @@ from regretless.lora import adapters_disabled
 from regretless.rl.envs import make_env
 from regretless.rl.evaluate import encode_problems, greedy_eval
 from regretless.rl.step import Reference, policy_gradient_step
-from regretless.runfiles import finish_marker, prepare_run_dir, restore, write_summary
+from regretless.runfiles import open_run, restore, write_summary
 from regretless.train import (
     autocast,
     build_optimizer,
@@ -81,9 +81,8 @@ def build_reference(model: torch.nn.Module, cfg: RLConfig) -> Reference | None:
 def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
     """Train; returns the summary (also written to out/summary.json)."""
     _check_rl(cfg)
-    out = prepare_run_dir(cfg, "rl", resume)
-    if resume and (done := finish_marker(out)):
-        log(f"{out}: finished already ({done['status']}); nothing to do")
+    out, done = open_run(cfg, "rl", resume)
+    if done:
         return done
     seed_everything(cfg.seed)
     env = make_env(cfg.env, cfg.seed, cfg.train_size, cfg.eval_size)
