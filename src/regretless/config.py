@@ -21,6 +21,9 @@ from regretless.errors import UserError
 from regretless.lora.config import LoRAConfig
 
 
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")  # experiment trackers (regretless.tracking)
+
+
 @dataclass(frozen=True)
 class TrainCommon:
     """Fields shared by SFT and RL (LoRA vs FullFT is `lora is None`, nothing else)."""
@@ -43,6 +46,14 @@ class TrainCommon:
     eval_every: int = 25
     compile: bool = False  # torch.compile the transformer trunk (CUDA; fuses element-wise ops)
     divergence_factor: float = 4.0  # SFT: stop when loss > factor * first loss (or not finite); RL: non-finite only
+    report_to: str = "none"  # tracking, HF's names: none | tensorboard | wandb | mlflow (comma-separated for several)
+
+    def __post_init__(self) -> None:
+        names = [n.strip() for n in str(self.report_to).split(",")]
+        bad = [n for n in names if n not in REPORT_TO]
+        if bad or ("none" in names and len(names) > 1):
+            raise UserError(f"field 'report_to': expected {' | '.join(REPORT_TO)} (or a comma-separated list of "
+                            f"trackers), got {self.report_to!r}")
 
 
 @dataclass(frozen=True)
