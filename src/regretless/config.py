@@ -20,7 +20,6 @@ import yaml
 from regretless.errors import UserError
 from regretless.lora.config import LoRAConfig
 
-
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")  # experiment trackers (regretless.tracking)
 
 
