@@ -37,7 +37,8 @@ class TrainCommon:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables
-    seed: int = 0
+    seed: int = 0  # initialisation, data order and sampling
+    data_seed: int = 0  # the data itself: built-in data generation and the train/eval split (fixed across seeds)
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     device: str = "auto"
     save_every: int = 50  # checkpoint every N optimizer steps (and at the end)

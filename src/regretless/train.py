@@ -156,8 +156,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     out, done = open_run(cfg, "sft", resume)
     if done:
         return done
-    examples = data.load_examples(cfg.data, seed=cfg.seed)  # bad data fails before the model loads
-    train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_size, cfg.seed)
+    examples = data.load_examples(cfg.data, seed=cfg.data_seed)  # bad data fails before the model loads
+    train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_size, cfg.data_seed)  # same eval set every seed
     seed_everything(cfg.seed)
     model, tok, model_path, device, amp, _ = setup_policy(cfg)
     train_tok, stats = data.tokenize(train_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (train)")

@@ -85,7 +85,7 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
     if done:
         return done
     seed_everything(cfg.seed)
-    env = make_env(cfg.env, cfg.seed, cfg.train_size, cfg.eval_size)
+    env = make_env(cfg.env, cfg.data_seed, cfg.train_size, cfg.eval_size)  # same problems for every seed
     model, tok, model_path, device, amp, _ = setup_policy(cfg)
     ctx = context_length(model.config)
     max_prompt = ctx - cfg.max_new_tokens if ctx else 1 << 30
