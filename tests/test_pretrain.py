@@ -34,7 +34,7 @@ def test_tokenizer_splits_digits_and_speaks_chatml():
 
 
 @pytest.mark.slow
-def test_tiny_base_builds_through_assets_and_its_loss_goes_down(tmp_path, monkeypatch):
+def test_tiny_base_builds_through_prepare_and_its_loss_goes_down(tmp_path, monkeypatch):
     monkeypatch.setenv("REGRETLESS_CACHE", str(tmp_path))
     monkeypatch.setattr(pretrain, "STEPS", 12)
     monkeypatch.setattr(pretrain, "CHAIN_SUM_PROBLEMS", 200)
@@ -42,8 +42,11 @@ def test_tiny_base_builds_through_assets_and_its_loss_goes_down(tmp_path, monkey
     monkeypatch.setattr(pretrain, "SHAPE", SMALL)
     assert "tiny-base" in assets.BUILTIN_MODELS and not assets.is_prepared("tiny-base")
     from regretless.models import load_model, resolve_model
+    from regretless.prepare import resolve_or_build
 
-    path = resolve_model("tiny-base", quiet=True)
+    with pytest.raises(UserError, match="not built yet"):  # the loader never trains
+        resolve_model("tiny-base", quiet=True)
+    path = resolve_or_build("tiny-base", quiet=True)
     assert path == tmp_path / "models" / "tiny-base" and assets.is_prepared("tiny-base")
     record = json.loads((path / ".complete").read_text())
     assert record["steps"] == 12 and record["final_eval_loss"] < record["first_eval_loss"] - 0.5

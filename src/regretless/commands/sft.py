@@ -31,8 +31,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from regretless.prepare import ensure_model
     from regretless.train import run_sft
 
     cfg = build_config(SFTConfig, args, FLAGS)
+    ensure_model(cfg.model)  # a built-in made by training (tiny-base) is built here, above the trainer
     summary = run_sft(cfg, resume=args.resume)
     return 3 if summary["status"] == "diverged" else 0

@@ -12,9 +12,8 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from regretless.data.sources import conversations_to_messages
 from regretless.errors import UserError
 
 GSM_DEFAULT_SIZE = 2000
@@ -25,6 +24,14 @@ def _package_dir(name: str) -> str:
     if spec is None or spec.origin is None:
         raise UserError(f"the built-in data needs the Python package {name!r}; pip install it")
     return os.path.dirname(spec.origin)
+
+
+def conversations_to_messages(turns: Iterable[str]) -> list[dict]:
+    """Alternate user/assistant over plain turns; a trailing user turn with no answer is dropped."""
+    turns = list(turns)
+    if len(turns) % 2:
+        turns = turns[:-1]
+    return [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
 
 
 def chatterbot(seed: int = 0, size: int | None = None) -> list[dict]:

@@ -18,9 +18,10 @@ import glob
 import json
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
+from regretless.data.builtin import BUILTINS, load_builtin
 from regretless.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -28,7 +29,6 @@ ROLES = ("system", "user", "assistant")
 
 def load_examples(spec: str, seed: int = 0) -> list[dict]:
     """Load and check every example named by `spec` (a path or a built-in name); never returns an empty list."""
-    from regretless.data.builtin import BUILTINS, load_builtin
 
     if os.path.exists(spec):
         examples = [normalize(rec, where) for rec, where in _records(spec)]
@@ -211,10 +211,3 @@ def _check_conversation(msgs: list[dict], where: str) -> None:
     if trained[0] == 0:
         raise UserError(f"{where}: conversation starts with an assistant turn; it must follow a user or system turn")
 
-
-def conversations_to_messages(turns: Iterable[str]) -> list[dict]:
-    """Alternate user/assistant over plain turns; a trailing user turn with no answer is dropped."""
-    turns = list(turns)
-    if len(turns) % 2:
-        turns = turns[:-1]
-    return [{"role": ROLES[1 + i % 2], "content": t} for i, t in enumerate(turns)]

@@ -199,7 +199,7 @@ def recipe_center(cfg: Any, method: str) -> float:
 
 def _model_config(name: str) -> Any:
     """The model's transformers config: a local folder, the built-in table of known models, or a built-in
-    asset (prepared by regretless.models.resolve_model)."""
+    asset (built or converted once by regretless.prepare.resolve_or_build)."""
     from transformers import AutoConfig
 
     path = Path(name).expanduser()
@@ -209,9 +209,9 @@ def _model_config(name: str) -> Any:
         return importlib.import_module("regretless.known_models").known_config(name)
     except (ImportError, AttributeError, UserError):
         pass
-    from regretless.models import resolve_model
+    from regretless.prepare import resolve_or_build
 
-    return AutoConfig.from_pretrained(resolve_model(name, quiet=True))
+    return AutoConfig.from_pretrained(resolve_or_build(name, quiet=True))
 
 
 def _set(d: dict[str, Any], key: str, value: Any, cls: type) -> None:
