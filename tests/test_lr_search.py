@@ -1,0 +1,116 @@
+"""The adaptive LR search and the optimum fit on synthetic U-curves: true LoRA/FullFT ratios of 1, 10 and 30
+must all be found, from the same recipe-style starting guesses (LoRA started at 10x FullFT)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from regretless.stats import lr_optimum, ratio_interval
+from regretless.sweep.search import CAPPED, DONE, SearchConfig, next_runs
+
+
+def u_curve(opt: float, noise: float, seed: int = 0, diverge_above: float | None = None):
+    """A U-curve in log10(LR), steeper on the high side (as real ones are), with seeded Gaussian noise per
+    (lr, seed) and +inf (a diverged run) above `diverge_above`."""
+
+    def f(lr: float, s: int) -> float:
+        if diverge_above is not None and lr > diverge_above:
+            return math.inf
+        d = math.log10(lr / opt)
+        rng = np.random.default_rng(abs(hash((round(lr, 12), s, seed))) % 2**32)
+        return 1.0 + 0.3 * d * d + (0.4 * d**3 if d > 0 else 0.0) + noise * rng.standard_normal()
+
+    return f
+
+
+def search(f, start: float, cfg: SearchConfig | None = None, max_rounds: int = 40):
+    cfg = cfg or SearchConfig()
+    scores: dict[float, dict[int, float]] = {}
+    for _ in range(max_rounds):
+        status, todo = next_runs(scores, start, cfg)
+        if not todo:
+            return status, scores
+        for lr, s in todo:
+            assert s not in scores.get(lr, {}), "the search asked for a run it already has"
+            scores.setdefault(lr, {})[s] = f(lr, s)
+    raise AssertionError("search did not terminate")
+
+
+def optimum(scores):
+    return lr_optimum({lr: list(v.values()) for lr, v in scores.items()})
+
+
+@pytest.mark.parametrize("true_ratio", [1.0, 10.0, 30.0])
+def test_search_finds_any_ratio(true_ratio):
+    opt_full = 3e-4
+    full_status, full = search(u_curve(opt_full, 0.003, seed=1), start=1e-4)
+    lora_status, lora = search(u_curve(opt_full * true_ratio, 0.003, seed=2), start=1e-3)
+    assert full_status == lora_status == DONE
+    of, ol = optimum(full), optimum(lora)
+    assert of.bracketed and ol.bracketed
+    assert of.low <= opt_full <= of.high
+    assert ol.low <= opt_full * true_ratio <= ol.high
+    r = ratio_interval(ol, of)
+    assert r.low <= true_ratio <= r.high
+    assert abs(math.log10(r.value / true_ratio)) < math.log10(1.3)
+    assert r.high / r.low < 3  # informative, not (0, inf)
+
+
+def test_decisive_runs_get_every_seed():
+    _, scores = search(u_curve(2e-3, 0.003), start=1e-3)
+    lrs = sorted(scores)
+    b = min(lrs, key=lambda lr: np.mean(list(scores[lr].values())))
+    i = lrs.index(b)
+    for lr in lrs[i - 1:i + 2]:
+        assert set(scores[lr]) == {0, 1}
+    # everything else ran once: the search does not spend seeds where they decide nothing
+    assert all(len(scores[lr]) == 1 for lr in lrs if lr not in lrs[i - 1:i + 2])
+
+
+def test_start_points_three_per_decade_then_refined():
+    _, todo = next_runs({}, 1e-3)
+    assert [lr for lr, _ in todo] == [pytest.approx(1e-3 / 10 ** (1 / 3), rel=1e-3), 1e-3,
+                                      pytest.approx(1e-3 * 10 ** (1 / 3), rel=1e-3)]
+    scores = {lr: {0: v} for (lr, _), v in zip(todo, (2.0, 1.0, 2.0))}
+    _, todo = next_runs(scores, 1e-3)
+    assert sorted(lr for lr, _ in todo) == [pytest.approx(1e-3 / 10 ** (1 / 6), rel=1e-3),
+                                            pytest.approx(1e-3 * 10 ** (1 / 6), rel=1e-3)]
+
+
+def test_diverged_high_side_extends_down_and_no_seeds_spent_on_divergence():
+    status, scores = search(u_curve(1e-4, 0.002, diverge_above=2e-4), start=1e-3)
+    assert status == DONE
+    o = optimum(scores)
+    assert o.bracketed and o.low <= 1e-4 <= o.high
+    assert all(len(v) == 1 for v in scores.values() if any(math.isinf(x) for x in v.values()))
+
+
+def test_capped_when_the_optimum_is_beyond_the_cap():
+    cfg = SearchConfig(max_decades=1.0)
+    status, scores = search(u_curve(1e-1, 0.001), start=1e-4, cfg=cfg)
+    assert status == CAPPED
+    assert not optimum(scores).bracketed
+    assert max(scores) <= 1e-3 * 1.001  # never beyond start * 10^max_decades
+
+
+def test_optimum_interval_shrinks_with_noise_and_ratio_interval_is_consistent():
+    quiet = optimum(search(u_curve(1e-3, 0.001), start=1e-3)[1])
+    loud = optimum(search(u_curve(1e-3, 0.03), start=1e-3)[1])
+    assert quiet.high / quiet.low < loud.high / loud.low
+    r = ratio_interval(quiet, quiet)
+    assert r.value == pytest.approx(1.0) and r.low <= 1.0 <= r.high
+
+
+def test_lr_optimum_exact_parabola_vertex():
+    # y = (x - log10(2e-3))^2 sampled at 5 points, no noise: the vertex is exact and the interval collapses
+    x0 = math.log10(2e-3)
+    obs = {10 ** x: [(x - x0) ** 2 + 1.0] for x in np.linspace(x0 - 0.3, x0 + 0.2, 5)}
+    o = lr_optimum(obs)
+    assert o.lr == pytest.approx(2e-3, rel=1e-6)
+    assert o.low == pytest.approx(2e-3, rel=1e-6) and o.high == pytest.approx(2e-3, rel=1e-6)
+    assert o.bracketed
+    # maximize: the same curve upside down has the same optimum
+    assert lr_optimum({k: [-v[0]] for k, v in obs.items()}, maximize=True).lr == pytest.approx(2e-3, rel=1e-6)
