@@ -133,3 +133,39 @@ def test_user_errors(capsys, argv, match):
     err = capsys.readouterr().err.strip()
     assert err.startswith("regretless recommend: error:") and len(err.splitlines()) == 1
     assert re.search(match, err), err
+
+
+def _all_models() -> list[str]:
+    from regretless.assets import BUILTIN_MODELS
+    from regretless.known_models import KNOWN_MODELS
+
+    return [*BUILTIN_MODELS, *KNOWN_MODELS]
+
+
+@pytest.mark.parametrize("model", _all_models())
+def test_no_flags_works_for_every_builtin_and_known_model(model, capsys, tmp_path, monkeypatch):
+    """The default rank is capped at what the model's shapes allow, and the output says so."""
+    from regretless.counts import count_params
+    from regretless.errors import UserError
+
+    monkeypatch.setenv("REGRETLESS_CACHE", str(tmp_path))  # built-ins not prepared: shapes only, nothing built
+    rec = recommend(capsys, "--model", model)
+    rank = rec["items"]["rank"]["value"]
+    assert rank <= 256 and not list(tmp_path.glob("models/*"))
+    if rank < 256:  # capped: the next power of two is refused by the injector, and the reason says so
+        assert f"capped at {rank}" in rec["items"]["rank"]["reason"]
+        from regretless.commands.recommend import load_model_config, meta_model
+        from regretless.lora.config import LoRAConfig
+
+        meta = meta_model(load_model_config(model)[0])
+        with pytest.raises(UserError):
+            count_params(meta, LoRAConfig(rank=2 * rank, targets="all"))
+    assert recommend(capsys, "--model", model, "--task", "rl")["items"]["rank"]["value"] == 1
+
+
+def test_bare_recommend_uses_the_default_model_and_warns_once(capsys):
+    assert main(["recommend"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(("SmolLM2-135M", "smollm2-135m"))
+    assert out.count("WARNING") == 1 and "capped at 128" in out
+    assert max(len(line) for line in out.splitlines() if "WARNING" in line) < 130

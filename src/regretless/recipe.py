@@ -39,6 +39,7 @@ BITS_PER_TOKEN = 1.0  # LLM data, roughly (an overestimate of what must be learn
 BITS_PER_EPISODE = 1.0  # policy gradient: O(1) bits per episode
 MAX_BATCH = 512  # sequences; "small to moderate (< 512)"
 POW2_RANKS = tuple(2**i for i in range(13))  # 1 .. 4096
+RL_RANK = 1  # "1 suffices for RL": policy gradient gives O(1) bits per episode
 
 METHODS = ("lora", "full")
 TASKS = ("sft", "rl")
@@ -107,9 +108,16 @@ def model_family(model_config: Any) -> tuple[str | None, str]:
         vocab = getattr(cfg, "vocab_size", None)
         if vocab == LLAMA3_VOCAB:
             return "llama", "Llama 3 family (llama architecture, 128,256-token vocabulary)"
-        return None, (f"llama architecture but not Llama 3 (vocab {vocab}, not {LLAMA3_VOCAB}); "
-                      "the Llama fit was made on Llama 3 models only")
+        return None, f"llama architecture but not Llama 3 (vocab {vocab})"
     return None, f"model_type {mt or '?'!r} has no published fit"
+
+
+def lr_warning(model_config: Any) -> str | None:
+    """The one-line warning for a model without a published LR fit (None when it has one)."""
+    family, why = model_family(model_config)
+    if family is not None:
+        return None
+    return f"WARNING: no published LR fit: {why}; p={DEFAULT_EXPONENT} assumed, sweep the LR."
 
 
 def hidden_size_of(model_config: Any) -> int:
@@ -133,14 +141,12 @@ def default_lr(model_config: Any, method: str = "lora", steps: int | None = None
     hidden = hidden_size_of(model_config)
     if family is not None:
         check_choice("family", family, tuple(FAMILY_EXPONENT))
-        why = f"{family} family (given)"
     else:
-        family, why = model_family(model_config)
+        family = model_family(model_config)[0]
     warn = ""
     if family is None:
         p = DEFAULT_EXPONENT
-        warn = (f"WARNING: {why}; using the default exponent p={p} (midpoint of Llama 0.781 and Qwen 0.0775), "
-                "so sweep the LR. ")
+        warn = lr_warning(model_config) + " "
         fam = "default"
     else:
         p = FAMILY_EXPONENT[family]

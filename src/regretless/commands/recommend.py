@@ -23,11 +23,13 @@ from regretless.errors import UserError
 from regretless.lora.config import LoRAConfig
 
 DEFAULT_SFT_RANK = 256  # "256 is safe for post-training-size SFT"
-DEFAULT_RL_RANK = 1  # "1 suffices for RL"
+DEFAULT_RL_RANK = recipe.RL_RANK  # "1 suffices for RL"
+DEFAULT_MODEL = "smollm2-135m"  # the trainers' default model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local model folder or known model name (e.g. Qwen3-8B)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"local model folder, built-in or known model name (e.g. Qwen3-8B; default {DEFAULT_MODEL})")
     p.add_argument("--method", choices=recipe.METHODS, default="lora")
     p.add_argument("--task", choices=recipe.TASKS, default="sft")
     p.add_argument("--steps", type=int, help="optimizer steps of the run (short runs get a higher LoRA LR)")
@@ -43,21 +45,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the recommendations as JSON")
 
 
-def load_model_config(model: str) -> tuple[Any, str, bool]:
-    """(transformers config, display name, is_local_folder)."""
+def load_model_config(model: str) -> tuple[Any, str, str | None]:
+    """(transformers config, display name, local folder or None). Built-in names read their cached folder, or,
+    before it exists, the known shapes (tiny-base: regretless.pretrain's; nothing is built or converted)."""
+    from regretless import assets
+
+    if model in assets.BUILTIN_MODELS:
+        if assets.is_prepared(model):
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(assets.model_dir(model)), model, str(assets.model_dir(model))
+        if model == "tiny-base":
+            from transformers import LlamaConfig
+
+            from regretless import pretrain
+
+            return LlamaConfig(vocab_size=pretrain.VOCAB, **pretrain.SHAPE), f"{model} (not built yet)", None
     if os.path.isdir(model):
         from transformers import AutoConfig
 
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise UserError(f"--model {model}: folder has no config.json")
         try:
-            return AutoConfig.from_pretrained(model), os.path.basename(os.path.normpath(model)), True
+            return AutoConfig.from_pretrained(model), os.path.basename(os.path.normpath(model)), model
         except (ValueError, OSError) as e:
             raise UserError(f"--model {model}/config.json: cannot read it ({str(e).splitlines()[0]})") from None
     from regretless.known_models import canonical_name, known_config
 
     cfg = known_config(model)
-    return cfg, canonical_name(model) or model, False
+    return cfg, canonical_name(model) or model, None
 
 
 def meta_model(cfg: Any) -> Any:
@@ -149,7 +165,7 @@ def recommend(args: argparse.Namespace) -> dict[str, Any]:
                             "name pass --tokens")
         recipe.check_positive_int("--seq-len", args.seq_len)
         recipe.check_positive_int("--nll-batches", args.nll_batches)
-        d = measure_dataset(args.model, args.dataset, args.seq_len, args.nll_batches, bits_per_token is None)
+        d = measure_dataset(local, args.dataset, args.seq_len, args.nll_batches, bits_per_token is None)
         tokens = d["tokens"]
         if bits_per_token is None:
             bits_per_token = recipe.bits_per_token_from_nll(d["nll"])
@@ -223,6 +239,9 @@ def recommend(args: argparse.Namespace) -> dict[str, Any]:
             rank, why = top, f"no rank up to {top} fits the data with a 2x margin: consider FullFT"
         elif args.task == "rl":
             rank, why = DEFAULT_RL_RANK, "RL: even rank-1 LoRA matches FullFT (policy gradient learns ~1 bit/episode)"
+        elif top < DEFAULT_SFT_RANK:
+            rank, why = top, (f"256 is safe for post-training-size SFT, capped at {top}: the largest power of two "
+                              "this model's matrices allow (rank <= the smallest dimension of an adapted matrix)")
         else:
             rank, why = DEFAULT_SFT_RANK, ("256 is safe for post-training-size SFT; pass --tokens or --dataset to "
                                            "size it to the data")
@@ -261,6 +280,7 @@ def recommend(args: argparse.Namespace) -> dict[str, Any]:
         f"{level}: {why}")
     family = recipe.model_family(cfg)[0]
     return {
+        "warning": recipe.lr_warning(cfg),
         "model": name,
         "model_type": text.model_type,
         "hidden_size": text.hidden_size,
@@ -299,6 +319,10 @@ def run(args: argparse.Namespace) -> int:
     method = "LoRA" if rec["method"] == "lora" else "FullFT"
     print(f"{rec['model']} ({rec['model_type']}, hidden {rec['hidden_size']}, {rec['num_hidden_layers']} layers)"
           f" - {method} {rec['task'].upper()}")
+    warning = rec["warning"]
+    if warning:
+        print(f"  {warning}")
     for key, item in rec["items"].items():
-        print(f"  {key:<22} {_value_str(key, item['value']):<12} {item['reason']}")
+        reason = item["reason"].removeprefix(f"{warning} ") if warning else item["reason"]
+        print(f"  {key:<22} {_value_str(key, item['value']):<12} {reason}")
     return 0
