@@ -1,10 +1,14 @@
 """A stand-in trainer for sweep tests (the real `regretless sft` is tested end to end elsewhere), and a
 synthetic loss model for report tests.
 
-`FAKE_TRAINER` is a real Python script, run as a real subprocess by the sweep runner. It follows the run-folder
-contract (config.yaml in, metrics.jsonl + summary.json out, --resume, exit 0/3) and reads its behaviour from
-the config's `model` field: `fail` exits 1 with a message on stderr, `diverge` exits 3, `crash_once` dies
-half-way on its first attempt and finishes on resume, `slow` sleeps per step, anything else just trains.
+`FAKE_TRAINER` is a real Python script, run as a real subprocess by the sweep runner (the runner, not the
+trainer, is under test). It follows the run-folder contract (config.yaml in, metrics.jsonl + summary.json out,
+--resume, exit 0/3) and, like the real trainer, holds an exclusive flock on RUNDIR/.lock while it writes (a
+second writer is refused: it logs `refused` and exits 2). It reads its behaviour from the config's `model`
+field: `fail` exits 1 with a message on stderr, `diverge` exits 3, `crash_once` dies half-way on its first
+attempt and finishes on resume, `slow` sleeps 0.05 s per step, `stubborn` is slow and ignores SIGTERM,
+anything else just trains. Each start appends `start=<step> threads=.. pid=.. gpus=.. t0=..` to attempts.log;
+under torchrun every rank appends `rank=.. world=.. gpus=.. pid=..` to procs.log and rank 0 trains.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 import yaml
 
 FAKE_TRAINER = r'''
-import argparse, json, os, sys, time
+import argparse, fcntl, json, os, signal, sys, time
 from pathlib import Path
 import yaml
 
@@ -26,11 +30,29 @@ p.add_argument("command"); p.add_argument("--config"); p.add_argument("--out"); 
 a = p.parse_args()
 cfg = yaml.safe_load(open(a.config))
 out = Path(a.out)
+gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "none")
+rank = int(os.environ.get("RANK", "0"))
+if "RANK" in os.environ:
+    with open(out / "procs.log", "a") as f:
+        f.write(f"rank={rank} world={os.environ['WORLD_SIZE']} gpus={gpus} pid={os.getpid()}\n")
+    if rank != 0:
+        sys.exit(0)
+model, steps, lr = cfg["model"], cfg.get("steps") or 10, cfg.get("lr") or 1e-3
+if model == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+lock = open(out / ".lock", "a+")
+try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    with open(out / "attempts.log", "a") as f:
+        f.write(f"refused pid={os.getpid()}\n")
+    print("run folder in use by another process", file=sys.stderr)
+    sys.exit(2)
+lock.truncate(0); lock.write(str(os.getpid())); lock.flush()
 metrics = out / "metrics.jsonl"
 done = len(metrics.read_text().splitlines()) if (a.resume and metrics.exists()) else 0
 with open(out / "attempts.log", "a") as f:
-    f.write(f"start={done} threads={os.environ.get('OMP_NUM_THREADS')}\n")
-model, steps, lr = cfg["model"], cfg.get("steps") or 10, cfg.get("lr") or 1e-3
+    f.write(f"start={done} threads={os.environ.get('OMP_NUM_THREADS')} pid={os.getpid()} gpus={gpus} t0={time.time()}\n")
 if model == "fail":
     print("Traceback (most recent call last):\nValueError: boom, the data set is empty", file=sys.stderr)
     sys.exit(1)
@@ -39,7 +61,7 @@ for step in range(done + 1, steps + 1):
         (out / "crashed").write_text("1")
         print("killed half-way", file=sys.stderr)
         sys.exit(137)
-    if model == "slow":
+    if model in ("slow", "stubborn"):
         time.sleep(0.05)
     loss = 3.0 / (1 + step * lr * 100) + 0.01 * cfg.get("seed", 0)
     with open(metrics, "a") as f:
@@ -57,6 +79,15 @@ def write_fake_trainer(tmp: Path) -> list[str]:
     path = tmp / "fake_trainer.py"
     path.write_text(FAKE_TRAINER)
     return [sys.executable, str(path), "{command}", "--config", "{config}", "--out", "{out}", "--resume"]
+
+
+def attempts(folder: Path) -> list[dict[str, str]]:
+    """attempts.log of a fake-trainer run folder, one {key: value} per start (`refused` for a refused one)."""
+    try:
+        lines = (folder / "attempts.log").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in line.split()) for line in lines]
 
 
 # -- synthetic run folders for report tests ----------------------------------------------------------------

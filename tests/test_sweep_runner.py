@@ -8,18 +8,14 @@ import os
 
 import pytest
 import yaml
-from test_sweep_fake_trainer import write_fake_trainer
+from test_sweep_fake_trainer import attempts, write_fake_trainer
 
 from regretless.sweep import Ledger, run_sweep
-from regretless.sweep.runner import slot_envs
+from regretless.sweep.launch import slot_envs
 
 SPEC = {"command": "sft", "base": {"steps": 8},
         "axes": {"model": ["ok", "fail", "diverge", "crash_once"], "method": ["full", "lora"],
                  "lora.rank": [1, 4]}}
-
-
-def _attempts(folder) -> list[str]:
-    return (folder / "attempts.log").read_text().splitlines()
 
 
 def test_failures_recorded_then_resume_and_skip(tmp_path):
@@ -39,10 +35,10 @@ def test_failures_recorded_then_resume_and_skip(tmp_path):
 
     res2 = run_sweep(SPEC, out, workers=3, launcher=launcher, quiet=True, gpus=[])
     assert res2.counts == {"done": 6, "failed": 3, "diverged": 3}  # crash_once resumed and finished
-    assert len(_attempts(run_folder)) == 1  # finished: skipped
-    assert len(_attempts(out / rows["full-diverge"]["path"])) == 1  # diverged counts as finished
+    assert len(attempts(run_folder)) == 1  # finished: skipped
+    assert len(attempts(out / rows["full-diverge"]["path"])) == 1  # diverged counts as finished
     crashed = out / rows["full-crash_once"]["path"]
-    assert [a.split()[0] for a in _attempts(crashed)] == ["start=0", "start=3"]  # resumed, not restarted
+    assert [a["start"] for a in attempts(crashed)] == ["0", "3"]  # resumed, not restarted
     steps = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
     assert Ledger(out / "ledger.sqlite").counts()["failed"] == 3
@@ -54,7 +50,7 @@ def test_threads_per_worker_and_slots(tmp_path):
                     workers=2, threads_per_run=3, launcher=launcher, quiet=True, gpus=[])
     assert res.counts == {"done": 2}
     for r in res.runs:
-        assert _attempts(tmp_path / "s" / r["path"])[0].endswith("threads=3")
+        assert attempts(tmp_path / "s" / r["path"])[0]["threads"] == "3"
     envs = slot_envs(None, None, gpus=["0", "1", "2"])
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "2"]
     cpu = slot_envs(None, 1, gpus=[])

@@ -2,6 +2,8 @@
 
 Example: regretless sweep lr_sweep.yaml --out runs/lr --workers 4
 Rerunning the same command skips finished runs, resumes interrupted ones and retries failed ones.
+On a multi-GPU machine: regretless sweep big.yaml --out runs/big --gpus-per-run 4   (each run: torchrun on 4 GPUs)
+Stopping the sweep (Ctrl-C, SIGTERM, even kill -9) stops its trainers; a rerun resumes them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="concurrent runs (default: one per GPU, else cores // --threads-per-run)")
     p.add_argument("--threads-per-run", type=int, default=None, help="CPU threads per run (default 1 on CPU)")
+    p.add_argument("--gpus-per-run", type=int, default=1,
+                   help="GPUs per run (default 1); above 1 each run is started with torchrun on that many GPUs, "
+                        "and runs = GPUs // this run at once")
     p.add_argument("--backend", choices=["local", "ray"], default="local")
     p.add_argument("--dry-run", action="store_true", help="list the runs and what would run; start nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -32,11 +37,18 @@ def _print_plan(runs: list, todo: list) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from regretless.sweep import run_sweep
+    from regretless.sweep.runner import Terminated
 
-    if args.threads_per_run is not None and args.threads_per_run < 1:
-        raise UserError(f"--threads-per-run {args.threads_per_run}: expected at least 1")
-    result = run_sweep(args.spec, args.out, workers=args.workers, backend=args.backend, dry_run=args.dry_run,
-                       threads_per_run=args.threads_per_run, quiet=args.quiet, on_plan=_print_plan)
+    if args.gpus_per_run < 1:
+        raise UserError(f"--gpus-per-run {args.gpus_per_run}: expected at least 1")
+    try:
+        result = run_sweep(args.spec, args.out, workers=args.workers, backend=args.backend, dry_run=args.dry_run,
+                           threads_per_run=args.threads_per_run, gpus_per_run=args.gpus_per_run, quiet=args.quiet,
+                           on_plan=_print_plan)
+    except Terminated as e:
+        print(f"regretless sweep: stopped by signal {e.signum}; its trainers were stopped, rerun to resume",
+              file=sys.stderr)
+        raise
     if args.dry_run:
         return 0
     c = result.counts
