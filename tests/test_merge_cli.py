@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,7 +42,8 @@ def test_merge_end_to_end(tiny_llama_dir, adapted, tmp_path, capsys):
     rc = main(["merge", "--model", str(tiny_llama_dir), "--adapter", str(adapter), "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "merged 14 LoRA modules" in printed and str(out) in printed
+    assert printed.startswith(f"wrote {out}: a plain transformers model (fp32)") and "14 LoRA modules" in printed
+    assert "the base is unchanged" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged", "tiny-llama"]  # no temp folders
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert not (out / "adapter_config.json").exists()
@@ -73,6 +75,48 @@ def test_merge_bf16_and_force(tiny_llama_dir, adapted, tmp_path):
     with torch.no_grad():
         got = merged.float()(ids).logits
     assert (want - got).abs().max() < 0.1  # bf16 rounding of the weights only
+
+
+def test_merge_run_folder_takes_base_and_adapter_from_it(tiny_llama_dir, adapted, tmp_path, capsys):
+    """--run DIR: the adapter of DIR and the base its config.yaml names; --adapter alone: the base it names."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from regretless.config import SFTConfig, save_config
+
+    adapter, want, ids = adapted
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(adapter, run / "adapter")
+    save_config(SFTConfig(model=str(tiny_llama_dir), out=str(run)), run / "config.yaml", "sft")
+    assert main(["merge", "--run", str(run), "--out", str(tmp_path / "m1")]) == 0
+    named = tmp_path / "named"
+    shutil.copytree(adapter, named)
+    cfg = json.loads((named / "adapter_config.json").read_text())
+    (named / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tiny_llama_dir)}))
+    assert main(["merge", "--adapter", str(named), "--out", str(tmp_path / "m2")]) == 0
+    for m in ("m1", "m2"):
+        with torch.no_grad():
+            got = AutoModelForCausalLM.from_pretrained(tmp_path / m, dtype=torch.float32).eval()(ids).logits
+        assert (want - got).abs().max() <= 1e-4
+
+
+def test_merge_keeps_the_base_dtype(tiny_llama_dir, adapted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base16 = tmp_path / "base-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(base16)
+    for f in tiny_llama_dir.iterdir():
+        if "token" in f.name or f.name.endswith(".jinja"):
+            (base16 / f.name).write_bytes(f.read_bytes())
+    assert main(["merge", "--model", str(base16), "--adapter", str(adapted[0]), "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert merged.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert main(["merge", "--model", str(base16), "--adapter", str(adapted[0]), "--out", str(tmp_path / "m32"),
+                 "--dtype", "fp32"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m32").model.layers[0].mlp.up_proj.weight.dtype == \
+        torch.float32
 
 
 def _run_error(argv, capsys) -> str:

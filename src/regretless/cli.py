@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ["sft", "rl", "recommend", "merge", "assets", "sweep", "report", "reproduce"]
+COMMANDS = ["sft", "rl", "generate", "recommend", "merge", "assets", "sweep", "report", "reproduce"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,10 +1,15 @@
-"""Merge a LoRA adapter into its base model and save a plain transformers model folder (with the tokenizer).
+"""Merge a LoRA adapter into a copy of its base model and save a plain transformers folder (with the tokenizer).
 
-    regretless merge --model smollm2-135m --adapter runs/sft/adapter --out merged/ [--dtype fp32|bf16]
+examples:
+  regretless merge --run runs/sft --out merged/
+  regretless merge --adapter runs/sft/adapter --out merged/
+  regretless merge --adapter my-adapter/ --model smollm2-135m --out merged/ --dtype bf16
 
-M is a local model folder, a .gguf file or a built-in name; A is a PEFT-format adapter folder (saved by
-regretless or by PEFT). The merge W' = W + s·B·A is done in fp32 and only then cast to --dtype. O is written
-atomically (a temp folder beside it, then a rename); an existing O is replaced only with --force.
+--run DIR takes DIR/adapter and the run's base model (config.yaml); --adapter A takes the base that A names
+(adapter_config.json), unless --model M gives another (a local folder, a .gguf file or a built-in name).
+The merge W' = W + s·B·A is done in fp32 and the result saved in the base's dtype (or --dtype). The base
+itself is never changed. OUT is written atomically (a temp folder beside it, then a rename); an existing OUT
+is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -16,37 +21,54 @@ import torch
 
 from regretless.errors import UserError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model: local folder, .gguf file or built-in name")
-    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a LoRA run folder (regretless sft|rl --out DIR): its adapter and base model")
+    src.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--model", help="base model (default: the one the run or adapter names)")
     p.add_argument("--out", required=True, help="folder for the merged model (written atomically)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="dtype of the saved weights (default auto: the base's)")
     p.add_argument("--force", action="store_true", help="replace --out if it already exists")
 
 
-def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False) -> dict:
+def merge(model: str | None, adapter: str | Path, out: str | Path, dtype: str = "auto", force: bool = False,
+          run: str | Path | None = None) -> dict:
     """Load base + adapter, merge, save a plain HF folder at `out`. Returns what was done."""
+    from regretless.commands._runs import adapter_base, base_dtype, from_run, resolve_base
     from regretless.lora import load_adapter, lora_modules, read_adapter, unload
     from regretless.models import load_model
     from regretless.runfiles import save_atomically
 
     out = Path(out)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: expected one of {', '.join(sorted(DTYPES))}")
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected auto or one of {', '.join(DTYPES)}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; expected a folder for the merged model")
+    if out.exists() and not force and any(out.iterdir()):
         raise UserError(f"--out {out}: already exists; choose a new folder or pass --force to replace it")
-    if not Path(adapter).is_dir():
+    if run is not None:
+        found = from_run(run)
+        if found.adapter is None:
+            raise UserError(f"--run {run}: a FullFT run; its model/ folder is already a plain model, nothing to merge")
+        adapter, model = found.adapter, model or found.base
+    adapter = Path(adapter)
+    if not adapter.is_dir():
         raise UserError(f"--adapter {adapter}: not a folder; expected a PEFT adapter folder")
     read_adapter(adapter)  # fail fast on a corrupt adapter, before a possibly long model load
-    base, tok, path = load_model(model, dtype=torch.float32, quiet=True)
+    model = model or adapter_base(adapter)
+    path = resolve_base(model)
+    base, tok, path = load_model(str(path), dtype=torch.float32, quiet=True)
+    target = base_dtype(path) if dtype == "auto" else DTYPES[dtype]
     lora_cfg = load_adapter(base, adapter)
     n_modules = len(list(lora_modules(base)))
-    merged = unload(base, merge=True).to(DTYPES[dtype])
+    merged = unload(base, merge=True).to(target)
     if hasattr(merged.config, "dtype"):
-        merged.config.dtype = DTYPES[dtype]
+        merged.config.dtype = target
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp)
@@ -54,13 +76,13 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "fp32",
 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_atomically(out.parent, out.name, write)
-    return {"model": str(path), "adapter": str(adapter), "out": str(out), "dtype": dtype,
+    return {"model": str(model), "adapter": str(adapter), "out": str(out), "dtype": NAMES.get(target, str(target)),
             "modules": n_modules, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha}
 
 
 def run(args: argparse.Namespace) -> int:
-    info = merge(args.model, args.adapter, args.out, args.dtype, args.force)
-    print(f"merged {info['modules']} LoRA modules (r={info['rank']}, alpha={info['alpha']:g}) of {info['adapter']} "
-          f"into {info['model']}; saved a plain transformers model ({info['dtype']}) with its tokenizer to "
-          f"{info['out']}")
+    info = merge(args.model, args.adapter, args.out, args.dtype, args.force, run=args.run)
+    print(f"wrote {info['out']}: a plain transformers model ({info['dtype']}) with its tokenizer, = base "
+          f"{info['model']} + adapter {info['adapter']} ({info['modules']} LoRA modules, r={info['rank']}, "
+          f"alpha={info['alpha']:g}) merged; the base is unchanged")
     return 0
