@@ -1,5 +1,15 @@
-"""The `regretless` command. Each subcommand lives in `regretless/commands/<name>.py` and defines
-`add_arguments(parser)` and `run(args) -> int | None`; its module docstring's first line is its help."""
+"""regretless: fine-tune language models with LoRA the way "LoRA Without Regret" prescribes, and test its claims.
+
+examples:
+  regretless sft --out runs/sft                           # LoRA SFT of the built-in SmolLM2-135M on chatterbot
+  regretless rl --env rg:chain_sum --out runs/rl          # RL with rank-1 LoRA on reasoning-gym sums
+  regretless generate --run runs/sft --prompt "Hi there"  # try the model just trained
+  regretless recommend --model Llama-3.1-8B               # the paper's recipe (LR, rank, batch) for a model
+  regretless reproduce --preset quick --out runs/quick    # the paper's five findings, from real runs
+
+Run `regretless COMMAND --help` for a command's options and examples. Exit status: 0 success, 2 a user error
+(one line on stderr), 3 a diverged run.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +21,16 @@ import sys
 COMMANDS = ["sft", "rl", "generate", "recommend", "merge", "assets", "sweep", "report", "reproduce"]
 
 
+# Each subcommand lives in `regretless/commands/<name>.py` and defines `add_arguments(parser)` and
+# `run(args) -> int | None`; its module docstring is its --help text (first line: the one-line help).
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regretless", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="regretless", description=__doc__, formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         mod = importlib.import_module(f"regretless.commands.{name}")
         doc = (mod.__doc__ or name).strip().splitlines()[0]
-        p = sub.add_parser(name, help=doc, description=mod.__doc__)
+        p = sub.add_parser(name, help=doc, description=mod.__doc__, formatter_class=raw)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

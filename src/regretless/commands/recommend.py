@@ -1,10 +1,13 @@
 """Recommend LR, rank, alpha, targets, batch size, MoE rank and a capacity verdict for a model, with reasons.
 
-    regretless recommend --model Llama-3.1-8B --tokens 20000000 --batch-size 64
-    regretless recommend --model path/to/model --dataset data.jsonl --json
+examples:
+  regretless recommend                                      # the built-in default model (smollm2-135m)
+  regretless recommend --model Llama-3.1-8B --tokens 20000000 --batch-size 64
+  regretless recommend --model Qwen3-8B --task rl --episodes 320000
+  regretless recommend --model path/to/model --dataset data.jsonl --json
 
-M is a local model folder (its config.json; with --dataset also its tokenizer and weights) or a name from the
-built-in table (`regretless.known_models`). Each line gives a value and a one-line reason from the paper.
+--model is a local model folder (its config.json; with --dataset also its tokenizer and weights), a built-in
+name, or a name from the table of known models (`regretless.known_models`). Each line gives a value and a one-line reason from the paper.
 The model is built on the meta device, so counts for a 70B model take a second and no memory.
 With --dataset the trained tokens are counted with the model's tokenizer, and bits/token is measured from the
 base model's own loss on a few batches (unless --bits-per-token is given); --tokens assumes 1 bit/token.

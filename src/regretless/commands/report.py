@@ -1,6 +1,8 @@
 """Write report.html and claims.json (the paper's findings: held / did not hold / inconclusive) for a sweep folder.
 
-Example: regretless report runs/lr    (reads DIR's run folders and ledger.sqlite files, at any depth)
+examples:
+  regretless report runs/lr       # one sweep folder
+  regretless report runs/quick    # a reproduce output: every ledger.sqlite below it, at any depth
 """
 
 from __future__ import annotations

@@ -1,9 +1,15 @@
-"""RL with verifiable rewards (group-mean policy gradient), LoRA (default) or FullFT (--full).
+"""RL with verifiable rewards (group-mean policy gradient), LoRA (default, rank 1) or FullFT (--full).
 
-Example: regretless rl --model smollm2-135m --env rg:chain_sum --out runs/rl --rank 1 --steps 30
-ENV is rg:<task> (a reasoning-gym task) or a JSONL file of {"prompt", "answer"} lines;
---reward module:function (or path/to/file.py:function) replaces the answer-match reward; it is stored
-in the config as ENV,reward=REF.
+examples:
+  regretless rl --env rg:chain_sum --out runs/rl
+  regretless rl --env "rg:chain_sum,max_terms=2,max_digits=2" --steps 36 --max-new-tokens 40 --out runs/rl2
+  regretless rl --env problems.jsonl --reward my_rewards.py:score --out runs/custom
+  regretless rl --env rg:gsm_symbolic --full --lr 1e-6 --out runs/rl-full
+
+ENV is rg:<task>[,key=value...] (a reasoning-gym task and its settings) or a JSONL file of
+{"prompt", "answer"} lines. --reward module:function (or path/to/file.py:function) replaces the answer-match
+reward; it is called as fn(completion, answer) -> float and stored in the config as ENV,reward=REF.
+Defaults follow the recipe's RL advice: rank 1 ("1 suffices for RL") and its RL learning rate (printed).
 """
 
 from __future__ import annotations

@@ -1,6 +1,14 @@
 """Supervised fine-tuning, LoRA (default) or FullFT (--full), on chat or prompt/completion data.
 
-Example: regretless sft --model smollm2-135m --data chatterbot --out runs/sft --rank 8 --steps 100
+examples:
+  regretless sft --out runs/sft                                    # all defaults: SmolLM2-135M, chatterbot, r=32
+  regretless sft --model smollm2-135m --data chatterbot --out runs/r8 --rank 8 --steps 100
+  regretless sft --data my_chats.jsonl --full --lr 5e-5 --out runs/full
+  regretless sft --config runs/sft/config.yaml --out runs/sft --resume   # continue a killed run
+  regretless sft --out runs/tb report_to=tensorboard lora.alpha=16        # any config field as key=value
+
+The LR defaults to the recipe's (printed with its reason). Files: config.yaml, metrics.jsonl, summary.json,
+checkpoints/, and adapter/ (LoRA) or model/ (FullFT). Try the result with `regretless generate --run DIR`.
 """
 
 from __future__ import annotations

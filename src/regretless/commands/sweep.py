@@ -1,8 +1,11 @@
 """Run a grid of training runs (a sweep spec) as separate processes, resumably, with a SQLite ledger.
 
-Example: regretless sweep lr_sweep.yaml --out runs/lr --workers 4
+examples:
+  regretless sweep lr_sweep.yaml --out runs/lr --workers 4
+  regretless sweep lr_sweep.yaml --out runs/lr --dry-run        # list the runs, start nothing
+  regretless sweep big.yaml --out runs/big --gpus-per-run 4     # multi-GPU: each run is torchrun on 4 GPUs
+
 Rerunning the same command skips finished runs, resumes interrupted ones and retries failed ones.
-On a multi-GPU machine: regretless sweep big.yaml --out runs/big --gpus-per-run 4   (each run: torchrun on 4 GPUs)
 Stopping the sweep (Ctrl-C, SIGTERM, even kill -9) stops its trainers; a rerun resumes them.
 """
 
