@@ -6,8 +6,8 @@ trainer, is under test). It follows the run-folder contract (config.yaml in, met
 --resume, exit 0/3) and, like the real trainer, holds an exclusive flock on RUNDIR/.lock while it writes (a
 second writer is refused: it logs `refused` and exits 2). It reads its behaviour from the config's `model`
 field: `fail` exits 1 with a message on stderr, `diverge` exits 3, `crash_once` dies half-way on its first
-attempt and finishes on resume, `slow` sleeps 0.05 s per step, `stubborn` is slow and ignores SIGTERM,
-anything else just trains. Each start appends `start=<step> threads=.. pid=.. gpus=.. t0=..` to attempts.log;
+attempt and finishes on resume, `slow` sleeps 0.05 s per step and `stubborn` also ignores SIGTERM (both only
+in an attempt that starts from step 0: a resumed attempt is quick and plain), anything else just trains. Each start appends `start=<step> threads=.. pid=.. gpus=.. t0=..` to attempts.log;
 under torchrun every rank appends `rank=.. world=.. gpus=.. pid=..` to procs.log and rank 0 trains.
 """
 
@@ -38,8 +38,6 @@ if "RANK" in os.environ:
     if rank != 0:
         sys.exit(0)
 model, steps, lr = cfg["model"], cfg.get("steps") or 10, cfg.get("lr") or 1e-3
-if model == "stubborn":
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 lock = open(out / ".lock", "a+")
 try:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -51,6 +49,9 @@ except OSError:
 lock.truncate(0); lock.write(str(os.getpid())); lock.flush()
 metrics = out / "metrics.jsonl"
 done = len(metrics.read_text().splitlines()) if (a.resume and metrics.exists()) else 0
+slow = model in ("slow", "stubborn") and done == 0  # slow on a first attempt only: a resumed one is quick
+if model == "stubborn" and done == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 with open(out / "attempts.log", "a") as f:
     f.write(f"start={done} threads={os.environ.get('OMP_NUM_THREADS')} pid={os.getpid()} gpus={gpus} t0={time.time()}\n")
 if model == "fail":
@@ -61,7 +62,7 @@ for step in range(done + 1, steps + 1):
         (out / "crashed").write_text("1")
         print("killed half-way", file=sys.stderr)
         sys.exit(137)
-    if model in ("slow", "stubborn"):
+    if slow:
         time.sleep(0.05)
     loss = 3.0 / (1 + step * lr * 100) + 0.01 * cfg.get("seed", 0)
     with open(metrics, "a") as f:

@@ -68,3 +68,62 @@ def test_add_run_keeps_status_and_failure_is_recorded(tmp_path):
     assert ledger.get("a")["error"].endswith("boom") and ledger.get("a")["status"] == "failed"
     with pytest.raises(KeyError):
         ledger.update("missing", status="done")
+
+
+# -- which rows belong to the current spec -----------------------------------------------------------------
+def _seeds(rows: list[dict]) -> list[int]:
+    return sorted(r["axes"]["seed"] for r in rows)
+
+
+def test_rows_of_an_older_spec_are_not_current(tmp_path):
+    from test_sweep_fake_trainer import write_fake_trainer
+
+    from regretless.sweep import current_rows, run_sweep, stale_rows
+
+    launcher = write_fake_trainer(tmp_path)
+    out = tmp_path / "sweep"
+
+    def spec(*seeds: int) -> dict:
+        return {"command": "sft", "base": {"steps": 2}, "axes": {"seed": list(seeds)}}
+
+    run_sweep(spec(0, 1), out, launcher=launcher, quiet=True, gpus=[])
+    assert _seeds(current_rows(out)) == [0, 1]
+    run_sweep(spec(1, 2), out, launcher=launcher, quiet=True, gpus=[])  # a new spec: seed 0 is left behind
+    ledger = Ledger(out / "ledger.sqlite")
+    assert _seeds(ledger.runs()) == [0, 1, 2]
+    assert _seeds(current_rows(out)) == [1, 2] and _seeds(stale_rows(out)) == [0]
+    assert _seeds(current_rows(out / "ledger.sqlite")) == [1, 2]
+    row = next(r for r in current_rows(out) if r["axes"]["seed"] == 1)
+    assert row["folder"] == (out / row["path"]).resolve() and (row["folder"] / "summary.json").is_file()
+    run_sweep(spec(3), out, launcher=launcher, quiet=True, gpus=[], extend=True)  # a search adding a point
+    assert _seeds(current_rows(out)) == [1, 2, 3]
+    res = run_sweep(spec(0), out, launcher=launcher, quiet=True, gpus=[])  # back to an old run: not rerun
+    assert _seeds(current_rows(out)) == [0] and res.counts == {"done": 1}
+    assert len(ledger.current_specs()) == 1 and len({r["spec_hash"] for r in ledger.runs()}) == 3
+
+
+def test_schema_1_ledger_is_migrated_and_every_row_counts_as_current(tmp_path):
+    from regretless.sweep import current_rows
+
+    path = tmp_path / "ledger.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1'), ('kind', 'regretless-ledger');
+        CREATE TABLE runs (id TEXT PRIMARY KEY, name TEXT NOT NULL, command TEXT NOT NULL, config_json TEXT NOT NULL,
+          axes_json TEXT NOT NULL DEFAULT '{}', tags_json TEXT NOT NULL DEFAULT '[]',
+          status TEXT NOT NULL DEFAULT 'queued', error TEXT, started REAL, finished REAL, final_loss REAL,
+          final_eval_loss REAL, best_eval_loss REAL, final_reward REAL, final_eval_accuracy REAL,
+          best_eval_accuracy REAL, steps INTEGER, wall_s REAL, lr REAL, trainable_params INTEGER, path TEXT NOT NULL);
+        INSERT INTO runs (id, name, command, config_json, status, final_loss, path)
+          VALUES ('a', 'a', 'sft', '{}', 'done', 1.5, 'runs/a'), ('b', 'b', 'sft', '{}', 'failed', NULL, 'runs/b');
+    """)
+    con.close()
+    ledger = Ledger(path)
+    assert ledger.meta()["schema_version"] == str(SCHEMA_VERSION) == "2"
+    assert ledger.current_specs() is None
+    rows = current_rows(tmp_path)
+    assert [(r["id"], r["status"], r["final_loss"], r["spec_hash"]) for r in rows] == [
+        ("a", "done", 1.5, None), ("b", "failed", None, None)]
+    ledger.set_current_specs(["abc"])  # once a spec is recorded, rows that no spec registered are not current
+    assert current_rows(tmp_path) == []

@@ -75,15 +75,29 @@ def test_cli_sweep_reports_failures(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_ray_backend_local_instance(tmp_path):
+    """One local Ray instance (4 CPUs, 4 GPUs that are only resource names): failures recorded; each task holds
+    one GPU, or `gpus_per_run` of them, named in CUDA_VISIBLE_DEVICES by Ray, and a 2-GPU run starts torchrun."""
     ray = pytest.importorskip("ray")
     launcher = write_fake_trainer(tmp_path)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False)
     try:
         res = run_sweep({"command": "sft", "base": {"steps": 3},
                          "axes": {"model": ["ok", "fail"], "seed": [0, 1]}}, tmp_path / "r", backend="ray",
                         launcher=launcher, quiet=True)
+        res2 = run_sweep({"command": "sft", "base": {"steps": 3}, "axes": {"seed": [0, 1]}}, tmp_path / "r2",
+                         backend="ray", gpus_per_run=2, launcher=launcher, quiet=True)
     finally:
         ray.shutdown()
     assert res.counts == {"done": 2, "failed": 2}
     failed = [r for r in res.runs if r["status"] == "failed"]
     assert all("boom" in r["error"] for r in failed)
+    for r in res.runs:
+        (start,) = attempts(tmp_path / "r" / r["path"])
+        assert start["gpus"] in {"0", "1", "2", "3"}
+    assert res2.counts == {"done": 2}, [r["error"] for r in res2.runs]
+    for r in res2.runs:
+        folder = tmp_path / "r2" / r["path"]
+        procs = [dict(kv.split("=") for kv in line.split()) for line in (folder / "procs.log").read_text().splitlines()]
+        assert sorted(p["rank"] for p in procs) == ["0", "1"] and {p["world"] for p in procs} == {"2"}
+        (gpus,) = {p["gpus"] for p in procs}
+        assert len(set(gpus.split(","))) == 2 and set(gpus.split(",")) <= {"0", "1", "2", "3"}
