@@ -14,15 +14,17 @@ def _prompts(tok):
 
 @torch.no_grad()
 def _greedy_by_recompute(model, prompt, steps):
-    """Reference: one unpadded prompt, the whole sequence recomputed at every step, no cache."""
-    ids, toks, logps = list(prompt), [], []
+    """Reference: one unpadded prompt, the whole sequence recomputed at every step, no cache. -> (tokens, entropy
+    of the temperature-1 distribution at each step)."""
+    ids, toks, ents = list(prompt), [], []
     for _ in range(steps):
         logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
         t = int(logits.argmax())
         toks.append(t)
-        logps.append(float(torch.log_softmax(logits, -1)[t]))
+        logp = torch.log_softmax(logits, -1)
+        ents.append(float(-(logp.exp() * logp).sum()))
         ids.append(t)
-    return toks, logps
+    return toks, ents
 
 
 def test_kv_cache_greedy_matches_full_recompute(tiny_tokenizer):
@@ -32,11 +34,12 @@ def test_kv_cache_greedy_matches_full_recompute(tiny_tokenizer):
         batch = sample(model, tiny_tokenizer, prompts, n=2, max_new_tokens=10, temperature=0.0,
                        eos_token_ids=[])
         assert batch.tokens_N_T.shape == (6, 10) and batch.mask_N_T.all()
+        assert (batch.logp_N_T == 0).all()  # greedy draws from a point mass: log q = 0
         for i, p in enumerate(prompts):
-            toks, logps = _greedy_by_recompute(model, p, 10)
+            toks, ents = _greedy_by_recompute(model, p, 10)
             for row in (2 * i, 2 * i + 1):
                 assert batch.tokens_N_T[row].tolist() == toks
-                assert torch.allclose(batch.logp_N_T[row], torch.tensor(logps), atol=1e-5)
+                assert torch.allclose(batch.entropy_N_T[row], torch.tensor(ents), atol=1e-5)
 
 
 def test_eos_ends_rows_and_others_continue(tiny_tokenizer, tiny_llama):

@@ -7,7 +7,9 @@ and every value against the field's type, so a typo is an error naming the key a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tempfile
 import types
 import typing
@@ -45,6 +47,8 @@ class TrainCommon:
     log_every: int = 1
     eval_every: int = 25
     compile: bool = False  # torch.compile the transformer trunk (CUDA; fuses element-wise ops)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
+    freeze_embeddings: bool = False  # FullFT: train everything but the input embeddings and LM head (what LoRA reaches)
     divergence_factor: float = 4.0  # SFT: stop when loss > factor * first loss (or not finite); RL: non-finite only
     report_to: str = "none"  # tracking, HF's names: none | tensorboard | wandb | mlflow (comma-separated for several)
 
@@ -54,6 +58,7 @@ class TrainCommon:
         if bad or ("none" in names and len(names) > 1):
             raise UserError(f"field 'report_to': expected {' | '.join(REPORT_TO)} (or a comma-separated list of "
                             f"trackers), got {self.report_to!r}")
+        check_common(self)
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,12 @@ class SFTConfig(TrainCommon):
     packing: bool = False  # pack examples into seq_len rows (padding-free); else pad per micro-batch
     too_long: str = "truncate"  # truncate | skip
     eval_size: int = 64  # held-out examples
+    eval_points: int = 0  # > 0: also evaluate at this many log-spaced steps (learning curves in log steps)
     bits_per_token: float | None = None  # only informs the capacity check
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sft(self)
 
 
 @dataclass(frozen=True)
@@ -83,13 +93,98 @@ class RLConfig(TrainCommon):
     normalize_std: bool = False  # divide advantages by the group's std (off in the paper)
     clip_eps: float | None = None  # PPO-style ratio clipping; None = plain importance sampling
     kl_coef: float = 0.0  # KL to the base model (adapters off for LoRA)
-    micro_batch_size: int = 16  # sequences per training forward pass
+    micro_batch_size: int = 16  # sequences per training forward pass (whole groups: rounded down to a multiple of G)
     eval_size: int = 64
     eval_every: int = 10
     train_size: int = 2000  # problems in the training pool
+    collapse_check: bool = True  # stop as `diverged` when the policy collapses (regretless.rl.collapse)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_rl(self)
 
 
 CONFIGS: dict[str, type] = {"sft": SFTConfig, "rl": RLConfig}
+DTYPES = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _need(ok: bool, name: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise UserError(f"field {name!r}: expected {expected}, got {value!r}")
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(cfg: Any, names: tuple[str, ...], lo: int) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, name,
+              "a positive integer" if lo == 1 else f"an integer >= {lo}", v)
+
+
+def check_common(cfg: TrainCommon) -> None:
+    """Ranges of the fields shared by SFT and RL (paths are checked by the trainer before it writes anything)."""
+    _need(isinstance(cfg.model, str) and cfg.model.strip() != "", "model",
+          "a model folder, .gguf file or built-in name", cfg.model)
+    _need(cfg.lr is None or (_is_num(cfg.lr) and cfg.lr > 0), "lr", "a positive number (or null: the recipe's)",
+          cfg.lr)
+    _need(cfg.lr_schedule in LR_SCHEDULES, "lr_schedule", " | ".join(LR_SCHEDULES), cfg.lr_schedule)
+    _int_at_least(cfg, ("warmup_steps",), 0)
+    _need(len(cfg.adam_betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in cfg.adam_betas), "adam_betas",
+          "two numbers in [0, 1)", cfg.adam_betas)
+    for name in ("adam_eps", "weight_decay", "grad_clip"):
+        v = getattr(cfg, name)
+        _need(_is_num(v) and v >= 0, name, "a number >= 0", v)
+    _need(cfg.dtype in DTYPES, "dtype", " | ".join(DTYPES), cfg.dtype)
+    dev = str(cfg.device)
+    _need(dev in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", dev) is not None, "device",
+          "auto | cpu | cuda | cuda:N | mps", cfg.device)
+    _int_at_least(cfg, ("save_every", "log_every", "eval_every"), 1)
+    _need(_is_num(cfg.divergence_factor) and cfg.divergence_factor > 1, "divergence_factor", "a number > 1",
+          cfg.divergence_factor)
+    if cfg.lora is not None:
+        lo = cfg.lora
+        _need(isinstance(lo.rank, int) and lo.rank >= 1, "lora.rank", "a positive integer", lo.rank)
+        _need(lo.expert_rank is None or (isinstance(lo.expert_rank, int) and lo.expert_rank >= 1),
+              "lora.expert_rank", "a positive integer or null", lo.expert_rank)
+        _need(_is_num(lo.alpha) and lo.alpha > 0, "lora.alpha", "a positive number", lo.alpha)
+        _need(_is_num(lo.lr_b_mult) and lo.lr_b_mult > 0, "lora.lr_b_mult", "a positive number", lo.lr_b_mult)
+        _need(bool(lo.targets) and (not isinstance(lo.targets, str) or lo.targets.strip(" ,") != ""),
+              "lora.targets", "all | mlp | attn | module names or regexes", lo.targets)
+
+
+def check_sft(cfg: SFTConfig) -> None:
+    _int_at_least(cfg, ("batch_size",), 1)
+    _int_at_least(cfg, ("seq_len",), 2)
+    _int_at_least(cfg, ("eval_size",), 0)
+    if cfg.steps is not None:
+        _int_at_least(cfg, ("steps",), 1)
+    _need(_is_num(cfg.epochs) and cfg.epochs > 0, "epochs", "a number > 0", cfg.epochs)
+    if cfg.micro_batch_size is not None:
+        _int_at_least(cfg, ("micro_batch_size",), 1)
+        if cfg.batch_size % cfg.micro_batch_size:
+            raise UserError(f"field 'micro_batch_size': expected a divisor of batch_size={cfg.batch_size} "
+                            f"(sequences per optimizer step), got {cfg.micro_batch_size}")
+    _need(cfg.too_long in ("truncate", "skip"), "too_long", "truncate | skip", cfg.too_long)
+    _need(cfg.bits_per_token is None or (_is_num(cfg.bits_per_token) and cfg.bits_per_token > 0),
+          "bits_per_token", "a positive number or null", cfg.bits_per_token)
+
+
+def check_rl(cfg: RLConfig) -> None:
+    _int_at_least(cfg, ("steps", "problems_per_step", "max_new_tokens", "micro_batch_size", "train_size"), 1)
+    _int_at_least(cfg, ("eval_size",), 0)
+    if cfg.group_size < 2:
+        raise UserError(f"field 'group_size': expected at least 2 (group-mean advantages of one sample are always "
+                        f"0), got {cfg.group_size}")
+    _need(_is_num(cfg.temperature) and cfg.temperature > 0, "temperature",
+          "a number > 0 (greedy sampling gives a group G copies of one completion)", cfg.temperature)
+    _need(_is_num(cfg.top_p) and 0 < cfg.top_p <= 1, "top_p", "a number in (0, 1]", cfg.top_p)
+    _need(cfg.clip_eps is None or (_is_num(cfg.clip_eps) and cfg.clip_eps > 0), "clip_eps",
+          "a positive number or null", cfg.clip_eps)
+    _need(_is_num(cfg.kl_coef) and cfg.kl_coef >= 0, "kl_coef", "a number >= 0", cfg.kl_coef)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -164,7 +259,10 @@ def from_dict(cls: type, d: dict[str, Any], where: str = "config") -> Any:
     if unknown:
         raise UserError(f"{where}: unknown field {unknown[0]!r}; expected one of: {', '.join(types_)}")
     kwargs = {k: _coerce(v, types_[k], f"{where}: field {k!r}") for k, v in d.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError as e:  # a range check at construction: say which file
+        raise UserError(f"{where}: {e}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -243,8 +341,16 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     return from_dict(cls, d, where)
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask (tempfile's are 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see a half-written file."""
+    """Write to a temp file in the same folder, fsync, then rename: readers never see a half-written file.
+    The file gets the usual mode under the umask, not tempfile's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -252,6 +358,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), umask_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

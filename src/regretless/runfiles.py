@@ -2,48 +2,142 @@
 This module writes them so that a run killed at any moment (even SIGKILL) can resume from its last good
 checkpoint: checkpoints are written into a hidden temp folder and renamed into place; metrics lines past the
 checkpoint are dropped on resume, so the resumed log equals an uninterrupted one.
+
+A run holds an exclusive lock (`fcntl.flock` on DIR/.lock) from `open_run` to its end, so a second process
+(a rerun, a sweep worker) cannot write into a live run's folder; the kernel drops the lock when the holder dies,
+so a killed run's folder is free again at once. A folder holding only the config (and perhaps the step-0 eval)
+of a run that failed before its first optimizer step holds nothing worth keeping and is reused by the next run.
+Everything is written with the usual modes under the umask (tempfile's are 0600/0700).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from regretless.config import atomic_write_text, save_config, to_dict
+from regretless.config import atomic_write_text, save_config, to_dict, umask_mode
 from regretless.errors import UserError
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "adapter", "model")
 
 
-def prepare_run_dir(cfg: Any, command: str, resume: bool) -> Path:
-    """Create or reopen the run folder. Refuses to mix two different runs in one folder."""
+LOCK = ".lock"
+
+
+def started(out: Path) -> bool:
+    """Whether the run in `out` trained at least one step (a metrics line past step 0, a checkpoint, a summary or
+    final weights). A folder that has not holds only the config of a run that failed before its first step."""
+    if any((out / name).exists() for name in ("summary.json", "adapter", "model")):
+        return True
+    ck = out / "checkpoints"
+    if ck.is_dir() and any(p.name.startswith("step-") for p in ck.iterdir()):
+        return True
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) >= 1:
+                return True
+        except (json.JSONDecodeError, AttributeError):
+            return True  # not ours to judge: keep it
+    return False
+
+
+def _lock(out: Path) -> int:
+    """Take the folder's exclusive lock (non-blocking); returns its fd. UserError when a live process holds it."""
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{out}: in use by another regretless process (pid {holder}); wait for it to finish "
+                            "or choose another --out") from None
+        try:  # the file we locked must still be the one at `path` (it could have been replaced meanwhile)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _check_folder(out: Path, cfg: Any, command: str, resume: bool) -> bool:
+    """Read-only checks of an existing folder; True when it holds a run to continue or rewrite in place."""
+    cfg_file = out / "config.yaml"
+    if not cfg_file.is_file():
+        if any(p for p in out.iterdir() if not p.name.startswith(".")):
+            raise UserError(f"{out}: not empty and holds no regretless run; choose a new --out")
+        return False
+    if not started(out):
+        return True  # the config of a run that failed before its first step: nothing to keep
+    try:
+        old = yaml.safe_load(cfg_file.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"{cfg_file}: not valid YAML; this folder holds a damaged run, choose a new --out") from None
+    new = {"command": command, **to_dict(cfg)}
+    diff = sorted(k for k in set(old) | set(new) if k != "out" and old.get(k) != new.get(k))
+    if diff:
+        raise UserError(f"{out}: holds another run (config.yaml differs in {', '.join(diff[:5])}); "
+                        "choose a new --out or rerun with the same settings")
+    if not resume:
+        raise UserError(f"{out}: holds a run already; pass --resume to continue it or choose a new --out")
+    return True
+
+
+@contextlib.contextmanager
+def open_run(cfg: Any, command: str, resume: bool) -> Iterator[tuple[Path, dict | None]]:
+    """The prologue of every trainer: `with open_run(cfg, "sft", resume) as (out, done):` checks the folder,
+    takes its lock (held until the block ends), writes config.yaml and yields (run folder, its summary if the
+    run already finished). Refuses to mix two runs in one folder; on refusal nothing on disk changes."""
     if not cfg.out:
         raise UserError("--out: required; the folder where the run's files go")
     out = Path(cfg.out)
-    cfg_file = out / "config.yaml"
-    if cfg_file.is_file():
-        old = yaml.safe_load(cfg_file.read_text()) or {}
-        new = {"command": command, **to_dict(cfg)}
-        diff = sorted(k for k in set(old) | set(new) if k != "out" and old.get(k) != new.get(k))
-        if diff:
-            raise UserError(f"{out}: holds another run (config.yaml differs in {', '.join(diff[:5])}); "
-                            "choose a new --out or rerun with the same settings")
-        if not resume and (out / "metrics.jsonl").exists():
-            raise UserError(f"{out}: holds a run already; pass --resume to continue it or choose a new --out")
-    elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
-        raise UserError(f"{out}: not empty and holds no regretless run; choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg_file, command)
-    return out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; expected a folder for the run's files")
+    if out.is_dir():
+        had_lock = (out / LOCK).exists()
+    else:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+        had_lock = False
+    fd = _lock(out)
+    try:
+        try:
+            _check_folder(out, cfg, command, resume)
+        except BaseException:
+            if not had_lock:
+                (out / LOCK).unlink(missing_ok=True)
+            raise
+        if not started(out):
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a failed run's step-0 line
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        save_config(cfg, out / "config.yaml", command)
+        done = finish_marker(out) if resume else None
+        if done:
+            print(f"[regretless] {out}: finished already ({done['status']}); nothing to do", file=sys.stderr,
+                  flush=True)
+        yield out, done
+    finally:
+        os.close(fd)
 
 
 def read_json(path: Path) -> dict | None:
@@ -102,6 +196,7 @@ class Checkpointer:
         final = self.dir / f"step-{step:08d}"
         tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=".tmp-"))
         try:
+            tmp.chmod(umask_mode(directory=True))
             torch.save(trainable_state(model), tmp / "trainable.pt")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             rng = {"torch": torch.get_rng_state()}
@@ -159,15 +254,6 @@ def restore(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return start, ckpt, MetricsLog(out, keep_until_step=start if loaded else None)
 
 
-def open_run(cfg: Any, command: str, resume: bool) -> tuple[Path, dict | None]:
-    """(run folder, its summary if it already finished): the prologue of every trainer."""
-    out = prepare_run_dir(cfg, command, resume)
-    done = finish_marker(out) if resume else None
-    if done:
-        print(f"[regretless] {out}: finished already ({done['status']}); nothing to do", file=sys.stderr, flush=True)
-    return out, done
-
-
 def finish_marker(out: Path) -> dict | None:
     """The run's summary if it already finished (done or diverged), else None."""
     s = read_json(out / "summary.json")
@@ -179,6 +265,7 @@ def save_atomically(out: Path, name: str, writer: Callable[[Path], None]) -> Pat
     final = out / name
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
     try:
+        tmp.chmod(umask_mode(directory=True))
         writer(tmp)
         old = out / f".{name}.old"
         shutil.rmtree(old, ignore_errors=True)

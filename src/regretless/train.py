@@ -1,9 +1,15 @@
 """One trainer for LoRA and FullFT. `cfg.lora is None` means FullFT; nothing else differs.
 
-`run_sft(cfg)` reads top to bottom: data -> model (+ LoRA) -> optimizer -> (resume) -> loop of optimizer steps,
-each over `batch_size` sequences split into micro-batches -> eval, checkpoints, metrics -> final adapter or model.
+`run_sft(cfg)` reads top to bottom: checks (nothing written before they pass) -> run folder (locked) -> data ->
+model (+ LoRA) -> optimizer -> (resume) -> loop of optimizer steps, each over `batch_size` sequences (packed or
+not) split into micro-batches of `micro_batch_size` sequences (`data.batching.step_plan`: which sequences form a
+step does not depend on the micro-batch size) -> eval, checkpoints, metrics -> final adapter or model.
 The plumbing above the loop (`setup_policy`, `build_optimizer`, `resolve_lr`, `lr_multiplier`, `save_final`) is
 shared with the RL loop in `regretless.rl.loop`.
+
+Options beyond the paper: `gradient_checkpointing` (each decoder layer's activations are recomputed in backward,
+transformers' own mechanism, non-reentrant; same gradients, less memory) and `freeze_embeddings` (FullFT trains
+everything but the input embeddings and the LM head, tied or not: the matrices LoRA never touches).
 
 Protocol as in the paper: AdamW, constant LR, no warm-up by default, β = (0.9, 0.95), ε = 1e-8; LR from the
 recipe unless given. The loss of a step is the mean NLL over all trained tokens of the whole batch (token-weighted
@@ -26,10 +32,12 @@ import torch
 from tqdm import tqdm
 
 from regretless import lm
-from regretless.config import SFTConfig
+from regretless.config import SFTConfig, umask_mode
+from regretless.data.batching import collate, step_plan, steps_per_epoch
 from regretless.errors import UserError
 from regretless.lora import apply_lora, param_groups, save_adapter
 from regretless.models import default_device, load_model
+from regretless.preflight import check_train_config
 from regretless.runfiles import open_run, restore, save_atomically, write_summary
 
 
@@ -47,8 +55,6 @@ def setup_policy(cfg: Any):
     """(model, tokenizer, model_path, device, autocast_dtype, lora_report). LoRA bases load in bf16 on CUDA
     (frozen), FullFT keeps fp32 master weights; both compute under bf16 autocast on CUDA."""
     device = default_device(cfg.device)
-    if cfg.dtype not in ("auto", "fp32", "bf16"):
-        raise UserError(f"dtype: expected auto, fp32 or bf16, got {cfg.dtype!r}")
     amp = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")) else None
     weights = torch.bfloat16 if (amp is not None and cfg.lora is not None and device.type == "cuda") else torch.float32
     model, tok, path = load_model(cfg.model, device=device, dtype=weights)
@@ -60,6 +66,13 @@ def setup_policy(cfg: Any):
     else:
         for p in model.parameters():
             p.requires_grad_(True)
+        if cfg.freeze_embeddings:
+            n = freeze_embeddings(model)
+            log(f"freeze_embeddings: {n:,} parameters of the input embeddings and LM head stay fixed")
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"gradient_checkpointing: {type(model).__name__} does not support it in transformers")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         trunk = getattr(model, "base_model", model)
         trunk.compile()  # in place: parameter names, checkpoints and adapters are unchanged
@@ -67,10 +80,17 @@ def setup_policy(cfg: Any):
     return model, tok, path, device, amp, report
 
 
+def freeze_embeddings(model: torch.nn.Module) -> int:
+    """Stop training the input embeddings and the LM head (one matrix when tied); returns how many parameters."""
+    frozen = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+              for p in m.parameters()}
+    for p in frozen.values():
+        p.requires_grad_(False)
+    return sum(p.numel() for p in frozen.values())
+
+
 def resolve_lr(cfg: Any, model, steps: int | None) -> float:
     if cfg.lr is not None:
-        if not cfg.lr > 0:
-            raise UserError(f"lr: expected a positive number, got {cfg.lr}")
         return cfg.lr
     from regretless.recipe import default_lr
 
@@ -98,7 +118,16 @@ def lr_multiplier(step: int, total: int, cfg: Any) -> float:
         return max(0.0, 1.0 - frac)
     if cfg.lr_schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-    raise UserError(f"lr_schedule: expected constant, linear or cosine, got {cfg.lr_schedule!r}")
+    raise UserError(f"field 'lr_schedule': expected constant, linear or cosine, got {cfg.lr_schedule!r}")
+
+
+def log_spaced_steps(total: int, points: int) -> set[int]:
+    """`points` steps spread evenly in log(step) over 1..total (fewer when total is small), total included."""
+    if points <= 0 or total < 1:
+        return set()
+    if points == 1:
+        return {total}
+    return {max(1, min(total, round(total ** (i / (points - 1))))) for i in range(points)}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, mult: float) -> float:
@@ -110,6 +139,7 @@ def set_lr(optimizer: torch.optim.Optimizer, mult: float) -> float:
 def save_final(model, tok, cfg: Any, out: Path, model_path: Path) -> None:
     if cfg.lora is not None:
         save_adapter(model, out / "adapter", cfg.lora, base_model=str(model_path))
+        (out / "adapter").chmod(umask_mode(directory=True))  # the engine's temp folder was 0700
     else:
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
@@ -152,12 +182,19 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     """Train; returns the summary (also written to out/summary.json)."""
     from regretless import data
 
-    _check_sft(cfg)
-    out, done = open_run(cfg, "sft", resume)
-    if done:
-        return done
-    examples = data.load_examples(cfg.data, seed=cfg.data_seed)  # bad data fails before the model loads
+    check_train_config(cfg)
+    examples = data.load_examples(cfg.data, seed=cfg.data_seed)  # bad data fails before anything is written
     train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_size, cfg.data_seed)  # same eval set every seed
+    if len(train_ex) < cfg.batch_size:
+        raise UserError(f"field 'batch_size': {cfg.batch_size} sequences per step, but {cfg.data} has "
+                        f"{len(train_ex)} training examples ({len(eval_ex)} held out); lower batch_size")
+    with open_run(cfg, "sft", resume) as (out, done):
+        return done or _train_sft(cfg, out, resume, train_ex, eval_ex)
+
+
+def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], eval_ex: list[dict]) -> dict:
+    from regretless import data
+
     seed_everything(cfg.seed)
     model, tok, model_path, device, amp, _ = setup_policy(cfg)
     train_tok, stats = data.tokenize(train_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (train)")
@@ -166,44 +203,46 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     if eval_ex:  # eval_size=0: no held-out split, no eval
         eval_tok, eval_stats = data.tokenize(eval_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (eval)")
         log(eval_stats.summary())
-    if not train_tok:
-        raise UserError(f"{cfg.data}: no training examples left after tokenization")
     micro = cfg.micro_batch_size or cfg.batch_size
-    accum = math.ceil(cfg.batch_size / micro)
+    accum = cfg.batch_size // micro
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    per_epoch = data.count_batches(train_tok, micro, cfg.seq_len, cfg.packing, cfg.seed, 0) // accum
+    per_epoch = steps_per_epoch(len(train_tok), cfg.batch_size)
     if per_epoch == 0:
-        raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(train_tok)} examples)")
+        raise UserError(f"field 'batch_size': {cfg.batch_size} sequences per step, more than the "
+                        f"{len(train_tok)} training examples left after tokenization; lower batch_size")
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * per_epoch))
     eval_batches = list(data.batches(eval_tok, micro, cfg.seq_len, cfg.packing, pad, cfg.seed, 0))
+    eval_at = log_spaced_steps(total, cfg.eval_points)
 
     lr = resolve_lr(cfg, model, total)
     optimizer = build_optimizer(model, cfg, lr)
-    state = {"epoch": 0, "micro_in_epoch": 0, "tokens": 0, "first_loss": None, "best_eval": None,
-             "last_eval": None, "wall_s": 0.0}
+    state = {"tokens": 0, "first_loss": None, "last_loss": None, "best_eval": None, "last_eval": None,
+             "wall_s": 0.0}
     start, ckpt, metrics = restore(out, model, optimizer, state, resume)
     if start:
         log(f"resumed from step {start}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"{total} steps of {cfg.batch_size} sequences ({accum} x {micro}), lr {lr:.3g}, "
+    left = len(train_tok) - per_epoch * cfg.batch_size
+    log(f"{total} steps of {cfg.batch_size} sequences ({accum} x {micro}{', packed' if cfg.packing else ''}), "
+        f"{per_epoch} steps an epoch ({left} examples left out each epoch), lr {lr:.3g}, "
         f"{f'LoRA r={cfg.lora.rank}' if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters on {device}")
 
-    def micro_batches():
-        epoch, skip = state["epoch"], state["micro_in_epoch"]
-        while True:
-            for i, b in enumerate(data.batches(train_tok, micro, cfg.seq_len, cfg.packing, pad, cfg.seed, epoch)):
-                if i < skip:
-                    continue
-                state["epoch"], state["micro_in_epoch"] = epoch, i + 1
-                yield b
-            epoch, skip = epoch + 1, 0
-            state["epoch"], state["micro_in_epoch"] = epoch, 0
+    lengths = [len(t) for t in train_tok]
+    plans: dict[int, list] = {}
+
+    def step_parts(k: int) -> list[dict]:
+        """The micro-batches of global optimizer step k (0-based): step k % per_epoch of epoch k // per_epoch."""
+        epoch, s = divmod(k, per_epoch)
+        if epoch not in plans:
+            plans.clear()
+            plans[epoch] = step_plan(lengths, cfg.batch_size, micro, cfg.seq_len, cfg.packing, cfg.seed, epoch)
+        return [collate([[train_tok[i] for i in row] for row in mb], cfg.packing, pad) for mb in plans[epoch][s]]
 
     def finish(status: str, step: int) -> dict:
-        summary = {"status": status, "steps": step, "final_loss": last_loss, "final_eval_loss": state["last_eval"],
-                   "best_eval_loss": state["best_eval"], "trainable_params": trainable, "lr": lr,
-                   "tokens": state["tokens"], "wall_s": round(state["wall_s"], 2),
-                   "lora_rank": cfg.lora.rank if cfg.lora else None}
+        summary = {"status": status, "steps": step, "final_loss": state["last_loss"],
+                   "final_eval_loss": state["last_eval"], "best_eval_loss": state["best_eval"],
+                   "trainable_params": trainable, "lr": lr, "tokens": state["tokens"],
+                   "wall_s": round(state["wall_s"], 2), "lora_rank": cfg.lora.rank if cfg.lora else None}
         write_summary(out, summary)
         metrics.close()
         return summary
@@ -216,18 +255,16 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
 
     if start == 0 and eval_batches:
         metrics.write({"step": 0, "eval_loss": do_eval(0), "tokens": 0})
-    it = micro_batches()
-    last_loss = None
     bar = tqdm(total=total, initial=start, desc="sft", file=sys.stderr, dynamic_ncols=True,
                disable=None, mininterval=1.0)
     for step in range(start, total):
         t0 = time.perf_counter()
         model.train()
         cur_lr = set_lr(optimizer, lr_multiplier(step, total, cfg))
-        parts = [to_device(next(it), device, amp, model) for _ in range(accum)]
+        parts = [to_device(b, device, amp, model) for b in step_parts(step)]
         n_tok = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts)
         loss_sum = 0.0
-        for b in parts:
+        for b in parts:  # the step's loss is the token-weighted mean over all its micro-batches
             with autocast(device, amp):
                 s, _ = lm.nll_sum(model, b)
             (s / max(n_tok, 1)).backward()
@@ -242,7 +279,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
             bar.close()
             log(f"step {step + 1}: loss {loss:.4g} diverged (first loss {state['first_loss']:.4g}); stopped, "
                 f"last good checkpoint kept")
-            last_loss = loss if math.isfinite(loss) else None
+            state["last_loss"] = loss if math.isfinite(loss) else None
             return finish("diverged", step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -253,11 +290,11 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
                        else p["attention_mask"].sum()) for p in parts)
         state["tokens"] += n_tok
         state["wall_s"] += dt
-        last_loss = loss
+        state["last_loss"] = loss
         rec = {"step": step + 1, "loss": loss, "lr": cur_lr, "tokens": state["tokens"], "grad_norm": float(gnorm),
                "tokens_per_s": seen / dt, "step_s": round(dt, 4), "peak_mem_mb": round(peak_mem_mb(device), 1),
-               "epoch": round(state["epoch"] + state["micro_in_epoch"] / max(1, per_epoch * accum), 4)}
-        if eval_batches and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
+               "epoch": round((step + 1) / per_epoch, 4)}
+        if eval_batches and ((step + 1) % cfg.eval_every == 0 or step + 1 == total or step + 1 in eval_at):
             rec["eval_loss"] = do_eval(step + 1)
         if (step + 1) % cfg.log_every == 0 or "eval_loss" in rec or step + 1 == total:
             metrics.write(rec)
@@ -269,20 +306,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     save_final(model, tok, cfg, out, model_path)
     ckpt.save(total, model, optimizer, state)
     summary = finish("done", total)
-    log(f"done: final loss {last_loss:.4f}, eval loss {state['last_eval']}, files in {out}")
+    ev = state["last_eval"]
+    log(f"done: final loss {state['last_loss']:.4f}, eval loss {'-' if ev is None else f'{ev:.4f}'}, "
+        f"files in {out}")
     return summary
-
-
-def _check_sft(cfg: SFTConfig) -> None:
-    for name in ("batch_size", "seq_len", "eval_every", "save_every", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise UserError(f"steps: expected a positive integer, got {cfg.steps}")
-    if cfg.micro_batch_size is not None and cfg.micro_batch_size < 1:
-        raise UserError(f"micro_batch_size: expected a positive integer, got {cfg.micro_batch_size}")
-    if cfg.too_long not in ("truncate", "skip"):
-        raise UserError(f"too_long: expected truncate or skip, got {cfg.too_long!r}")
-    if cfg.eval_size < 0:
-        raise UserError(f"eval_size: expected >= 0, got {cfg.eval_size}")
-

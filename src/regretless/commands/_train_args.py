@@ -24,13 +24,18 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory, about a third more compute")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="with --full: keep the input embeddings and LM head fixed (train what LoRA can reach)")
 
 
 def build_config(cls: type, args: argparse.Namespace, flags: dict[str, str]) -> Any:
     """flags maps argparse dest -> config field for the command's own flags."""
     values: dict[str, Any] = {}
     for dest, field in {"model": "model", "out": "out", "lr": "lr", "seed": "seed", "device": "device",
-                        **flags}.items():
+                        "gradient_checkpointing": "gradient_checkpointing",
+                        "freeze_embeddings": "freeze_embeddings", **flags}.items():
         v = getattr(args, dest, None)
         if v is not None and v is not False:
             values[field] = v

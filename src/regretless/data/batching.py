@@ -1,17 +1,29 @@
-"""Tokenized examples -> shuffled micro-batches of tensors, padded per micro-batch or packed.
+"""Tokenized examples -> optimizer steps of micro-batches (training), or one pass of micro-batches (evaluation).
 
-Both modes shuffle deterministically per (seed, epoch) and never cut an example (tokenize already fit each one
-to seq_len). Labels are aligned with the inputs, -100 where not trained (the HF convention: the model shifts).
+Training (`step_plan`, `train_steps`): `batch_size` is the number of *sequences* (examples) per optimizer step,
+in every mode. Each epoch is a deterministic shuffle per (seed, epoch); step s of the epoch is the slice
+order[s*B:(s+1)*B], so which sequences form a step depends on (seed, epoch, batch_size) only, never on
+`micro_batch_size`. An epoch has floor(N / B) steps; the N mod B examples left over are not trained that epoch
+(a different few each epoch: `drop_last`). The step's B sequences are then split into B / micro_batch_size
+micro-batches of `micro_batch_size` sequences each:
+- Padded (`packing=False`): the step's sequences are sorted by length, so each micro-batch holds similar lengths,
+  and padded on the right to the longest in their micro-batch (not to seq_len); `attention_mask` is (B, T).
+- Packed (`packing=True`): each micro-batch's sequences are packed first-fit-decreasing into as few rows of at
+  most seq_len tokens as they fit in. `position_ids` restart at 0 for each example and `attention_mask` is a
+  (B, 1, T, T) additive float mask, 0 where a query may attend and the dtype's minimum elsewhere: causal within
+  an example, nothing across examples (transformers 5 passes a 4-D mask through unchanged to the eager and SDPA
+  attention). A padding position attends only to itself so no softmax row is empty. Cast the mask to the
+  model's dtype when the model runs in bf16 without autocast.
+A micro-batch never holds more than `micro_batch_size` sequences, so memory is bounded by micro_batch_size x
+seq_len tokens in both modes; the step's loss (token-weighted over all its micro-batches) is the same whatever
+the micro-batch size, up to float rounding.
 
-- Padded (`packing=False`): examples of similar length are grouped within a shuffled window of
-  `GROUP_WINDOW` micro-batches, then padded on the right to the longest in their micro-batch (not to seq_len);
-  `attention_mask` is (B, T) with 1 on real tokens.
-- Packed (`packing=True`): examples are packed first-fit-decreasing into rows of at most seq_len tokens within a
-  shuffled window of `PACK_WINDOW` examples. `position_ids` restart at 0 for each example and `attention_mask`
-  is a (B, 1, T, T) additive float mask, 0 where a query may attend and the dtype's minimum elsewhere:
-  causal within an example, nothing across examples (transformers 5 passes a 4-D mask through unchanged to the
-  eager and SDPA attention). A padding position attends only to itself so no softmax row is empty.
-  Cast the mask to the model's dtype when the model runs in bf16 without autocast.
+Evaluation (`batches`, `count_batches`): one pass over the examples in micro-batches of `micro_batch_size`
+sequences (padded: length-grouped within a shuffled window of `GROUP_WINDOW` micro-batches; packed: first-fit-
+decreasing rows within windows of `PACK_WINDOW` examples, `micro_batch_size` rows per micro-batch).
+
+Never cuts an example (tokenize already fit each one to seq_len). Labels are aligned with the inputs, -100 where
+not trained (the HF convention: the model shifts).
 """
 
 from __future__ import annotations
@@ -31,7 +43,8 @@ IGNORE = -100
 def plan(
     lengths: Sequence[int], micro_batch_size: int, seq_len: int, packing: bool, seed: int, epoch: int
 ) -> list[list[list[int]]]:
-    """The epoch's micro-batches as example indices: plan[b][row] = indices packed in that row (one if padded)."""
+    """One pass of micro-batches (evaluation) as example indices: plan[b][row] = indices packed in that row (one if
+    padded)."""
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if lengths and max(lengths) > seq_len:
@@ -42,19 +55,7 @@ def plan(
     if packing:
         rows: list[list[int]] = []
         for w in range(0, len(order), PACK_WINDOW):
-            window = sorted(order[w : w + PACK_WINDOW], key=lambda i: -lengths[i])  # stable: ties keep shuffle
-            bins: list[list[int]] = []
-            room: list[int] = []
-            for i in window:
-                for b, r in enumerate(room):
-                    if r >= lengths[i]:
-                        bins[b].append(i)
-                        room[b] -= lengths[i]
-                        break
-                else:
-                    bins.append([i])
-                    room.append(seq_len - lengths[i])
-            rows += bins
+            rows += _pack(order[w : w + PACK_WINDOW], lengths, seq_len)
         rng.shuffle(rows)
         return [rows[k : k + micro_batch_size] for k in range(0, len(rows), micro_batch_size)]
     micro: list[list[list[int]]] = []
@@ -64,6 +65,76 @@ def plan(
         micro += [[[i] for i in window[k : k + micro_batch_size]] for k in range(0, len(window), micro_batch_size)]
     rng.shuffle(micro)
     return micro
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch: floor(N / B) (the remainder is dropped, a different few each epoch)."""
+    return n_examples // batch_size
+
+
+def step_plan(
+    lengths: Sequence[int], batch_size: int, micro_batch_size: int, seq_len: int, packing: bool, seed: int,
+    epoch: int
+) -> list[list[list[list[int]]]]:
+    """The epoch's optimizer steps as example indices: plan[step][micro][row] = indices packed in that row (one
+    index per row when padded). Step s holds the same `batch_size` examples whatever `micro_batch_size` is."""
+    if batch_size < 1 or micro_batch_size < 1:
+        raise ValueError(f"batch_size and micro_batch_size must be >= 1, got {batch_size}, {micro_batch_size}")
+    if batch_size % micro_batch_size:
+        raise ValueError(f"micro_batch_size={micro_batch_size} does not divide batch_size={batch_size}")
+    if lengths and max(lengths) > seq_len:
+        raise ValueError(f"an example has {max(lengths)} tokens, more than seq_len={seq_len}; tokenize() first")
+    order = list(range(len(lengths)))
+    random.Random(f"steps:{seed}:{epoch}").shuffle(order)
+    plan_: list[list[list[list[int]]]] = []
+    for s in range(steps_per_epoch(len(order), batch_size)):
+        step = order[s * batch_size:(s + 1) * batch_size]
+        if not packing:
+            step = sorted(step, key=lambda i: lengths[i])  # stable: equal lengths keep the shuffled order
+        groups = [step[k:k + micro_batch_size] for k in range(0, batch_size, micro_batch_size)]
+        plan_.append([_pack(g, lengths, seq_len) if packing else [[i] for i in g] for g in groups])
+    return plan_
+
+
+def train_steps(
+    tokenized: Sequence[Tokenized],
+    batch_size: int,
+    micro_batch_size: int,
+    seq_len: int,
+    packing: bool,
+    pad_id: int,
+    seed: int,
+    epoch: int,
+    *,
+    mask_dtype: torch.dtype = torch.float32,
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Yield the epoch's optimizer steps, each a list of batch_size / micro_batch_size micro-batches."""
+    lengths = [len(t) for t in tokenized]
+    for step in step_plan(lengths, batch_size, micro_batch_size, seq_len, packing, seed, epoch):
+        yield [collate([[tokenized[i] for i in row] for row in micro], packing, pad_id, mask_dtype)
+               for micro in step]
+
+
+def _pack(indices: Sequence[int], lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """First-fit-decreasing bins of at most seq_len tokens (ties keep the given order)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        for b, r in enumerate(room):
+            if r >= lengths[i]:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(seq_len - lengths[i])
+    return bins
+
+
+def collate(rows: list[list[Tokenized]], packing: bool, pad_id: int, mask_dtype: torch.dtype = torch.float32
+            ) -> dict[str, torch.Tensor]:
+    """One micro-batch from rows of examples (one example per row when padded, several when packed)."""
+    return _packed(rows, pad_id, mask_dtype) if packing else _padded([r[0] for r in rows], pad_id)
 
 
 def count_batches(
@@ -85,10 +156,10 @@ def batches(
     *,
     mask_dtype: torch.dtype = torch.float32,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield one epoch of micro-batches: input_ids, labels, attention_mask (and position_ids when packing)."""
+    """Yield one pass of micro-batches (evaluation): input_ids, labels, attention_mask (and position_ids when
+    packing)."""
     for micro in plan([len(t) for t in tokenized], micro_batch_size, seq_len, packing, seed, epoch):
-        rows = [[tokenized[i] for i in row] for row in micro]
-        yield _packed(rows, pad_id, mask_dtype) if packing else _padded([r[0] for r in rows], pad_id)
+        yield collate([[tokenized[i] for i in row] for row in micro], packing, pad_id, mask_dtype)
 
 
 def _labels(ex: Tokenized) -> torch.Tensor:

@@ -12,6 +12,10 @@ numerical differences, so the ratio is ~1; the correction matters for bf16 sampl
 sampler); grad-norm clipping at 1.0 by default; the KL reference is the base model (adapters off for LoRA, a
 frozen copy for FullFT) and is off by default. Problems are drawn in a seeded shuffled order and every step's
 sampling generator is seeded by (seed, step), so a resumed run repeats an uninterrupted one.
+
+A run ends as `diverged` (exit 3), never `done`, when its loss or gradient is not finite, or (`collapse_check`)
+when the policy collapsed: entropy near ln V, reward gone for good, or held-out accuracy gone
+(`regretless.rl.collapse` gives the rules and their thresholds). The summary's `reason` says which.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +35,9 @@ from tqdm import tqdm
 from regretless.config import RLConfig
 from regretless.errors import UserError
 from regretless.lora import adapters_disabled
-from regretless.rl.envs import make_env
+from regretless.preflight import check_train_config
+from regretless.rl import collapse
+from regretless.rl.envs import Env, make_env
 from regretless.rl.evaluate import encode_problems, greedy_eval
 from regretless.rl.step import Reference, policy_gradient_step
 from regretless.runfiles import open_run, restore, write_summary
@@ -80,12 +87,14 @@ def build_reference(model: torch.nn.Module, cfg: RLConfig) -> Reference | None:
 
 def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
     """Train; returns the summary (also written to out/summary.json)."""
-    _check_rl(cfg)
-    out, done = open_run(cfg, "rl", resume)
-    if done:
-        return done
-    seed_everything(cfg.seed)
+    check_train_config(cfg)
     env = make_env(cfg.env, cfg.data_seed, cfg.train_size, cfg.eval_size)  # same problems for every seed
+    with open_run(cfg, "rl", resume) as (out, done):
+        return done or _train_rl(cfg, out, resume, env)
+
+
+def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
+    seed_everything(cfg.seed)
     model, tok, model_path, device, amp, _ = setup_policy(cfg)
     ctx = context_length(model.config)
     max_prompt = ctx - cfg.max_new_tokens if ctx else 1 << 30
@@ -106,7 +115,8 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
     optimizer = build_optimizer(model, cfg, lr)
     reference = build_reference(model, cfg)  # before resuming: the reference is the base model
     state: dict[str, Any] = {"first_eval": None, "last_eval": None, "best_eval": None, "last_reward": None,
-                             "episodes": 0, "wall_s": 0.0}
+                             "episodes": 0, "wall_s": 0.0, "collapse": collapse.new_tracker()}
+    vocab = model.get_output_embeddings().weight.shape[0]
     start, ckpt, metrics = restore(out, model, optimizer, state, resume)
     if start:
         log(f"resumed from step {start}")
@@ -130,12 +140,12 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
         return {"eval_accuracy": res.accuracy, "eval_frac_no_answer": res.frac_no_answer,
                 "eval_response_len": res.response_len}
 
-    def finish(status: str, step: int) -> dict:
+    def finish(status: str, step: int, reason: str | None = None) -> dict:
         summary = {"status": status, "steps": step, "final_reward": state["last_reward"],
                    "final_eval_accuracy": state["last_eval"], "best_eval_accuracy": state["best_eval"],
                    "initial_eval_accuracy": state["first_eval"], "trainable_params": trainable, "lr": lr,
                    "episodes": state["episodes"], "wall_s": round(state["wall_s"], 2),
-                   "lora_rank": cfg.lora.rank if cfg.lora else None}
+                   "lora_rank": cfg.lora.rank if cfg.lora else None, "reason": reason}
         write_summary(out, summary)
         metrics.close()
         return summary
@@ -159,7 +169,7 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
             bar.close()
             log(f"step {step + 1}: loss {m['pg_loss']:.4g}, grad norm {gnorm:.4g}: diverged; stopped, "
                 "last good checkpoint kept")
-            return finish("diverged", step)
+            return finish("diverged", step, f"loss {m['pg_loss']:.4g}, grad norm {gnorm:.4g}: not finite")
         if m["trained_sequences"] > 0:  # all groups constant: no gradient, no step (Adam would still move)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -174,8 +184,17 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
                "episodes": state["episodes"], "peak_mem_mb": round(peak_mem_mb(device), 1)}
         if eval_problems and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             rec.update(do_eval())
-        if (step + 1) % cfg.log_every == 0 or "eval_accuracy" in rec or step + 1 == cfg.steps:
+        why = None
+        if cfg.collapse_check:
+            why = collapse.check_step(state["collapse"], m["entropy"], m["accuracy"], cfg.problems_per_step, vocab)
+            if why is None and "eval_accuracy" in rec:
+                why = collapse.check_eval(state["first_eval"], rec["eval_accuracy"], len(eval_problems))
+        if (step + 1) % cfg.log_every == 0 or "eval_accuracy" in rec or step + 1 == cfg.steps or why:
             metrics.write(rec)
+        if why:
+            bar.close()
+            log(f"step {step + 1}: diverged: {why}; stopped, last good checkpoint kept")
+            return finish("diverged", step + 1, why)
         bar.set_postfix(reward=f"{m['reward']:.3f}",
                         **({"eval": f"{rec['eval_accuracy']:.3f}"} if "eval_accuracy" in rec else {}))
         bar.update(1)
@@ -187,22 +206,3 @@ def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
     summary = finish("done", cfg.steps)
     log(f"done: eval accuracy {state['first_eval']} -> {state['last_eval']}, files in {out}")
     return summary
-
-
-def _check_rl(cfg: RLConfig) -> None:
-    for name in ("steps", "problems_per_step", "group_size", "max_new_tokens", "micro_batch_size",
-                 "eval_every", "save_every", "log_every", "train_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
-    if cfg.eval_size < 0:
-        raise UserError(f"eval_size: expected >= 0, got {cfg.eval_size}")
-    if cfg.group_size < 2:
-        raise UserError("group_size: expected at least 2 (group-mean advantages of one sample are always 0)")
-    if cfg.temperature < 0:
-        raise UserError(f"temperature: expected >= 0, got {cfg.temperature}")
-    if not 0 < cfg.top_p <= 1:
-        raise UserError(f"top_p: expected a number in (0, 1], got {cfg.top_p}")
-    if cfg.clip_eps is not None and not cfg.clip_eps > 0:
-        raise UserError(f"clip_eps: expected a positive number or null, got {cfg.clip_eps}")
-    if cfg.kl_coef < 0:
-        raise UserError(f"kl_coef: expected >= 0, got {cfg.kl_coef}")

@@ -7,8 +7,14 @@ The paper's objective is Σ_t (p_θ / p_sampler)·Adv_t with Adv = reward − me
 
 with the gradient flowing through logp_new only (logp_old is the sampler's, a constant). Options beyond the
 paper: PPO clipping (−min(ratio·A, clip(ratio, 1−ε, 1+ε)·A)), std-normalised advantages, and a KL penalty to a
-reference policy with the k3 estimator, k3 = exp(logp_ref − logp_new) − (logp_ref − logp_new) − 1 ≥ 0, per
-token, gradient through logp_new.
+reference policy, added per sampled token as kl_coef·k3 with k3 = exp(Δ) − Δ − 1 ≥ 0, Δ = logp_ref − logp_new
+(Schulman's "k3", as in GRPO), differentiated through logp_new with the samples held fixed. What it is:
+- its *value*, averaged over tokens sampled from π_new, is an unbiased estimate of KL(π_new ‖ π_ref) (logged
+  as `kl`);
+- its *gradient* is not that of KL(π_new ‖ π_ref): per token ∇k3 = (1 − π_ref/π_new)·∇logp_new, whose
+  expectation under π_new is ∇ KL(π_ref ‖ π_new) (the forward KL, mass-covering towards the reference). Both
+  divergences are 0 only at π_new = π_ref, so the penalty still pulls the policy back to the reference; the test
+  `test_k3_gradient_is_that_of_the_forward_kl` checks this by exact enumeration.
 
 Normalisation (a choice the paper does not state): the per-token sum is divided by `num_tokens`, by default
 the number of masked tokens in the call. The RL loop passes the total completion tokens of the whole step
@@ -37,7 +43,8 @@ def group_advantages(rewards_P_G: torch.Tensor, normalize_std: bool = False, eps
 
 
 def kl_k3(logp_new_B_T: torch.Tensor, logp_ref_B_T: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(π_new ‖ π_ref): exp(Δ) − Δ − 1 with Δ = logp_ref − logp_new."""
+    """Per-token k3 = exp(Δ) − Δ − 1, Δ = logp_ref − logp_new: on samples from π_new its mean estimates
+    KL(π_new ‖ π_ref) and its gradient (samples fixed) estimates ∇ KL(π_ref ‖ π_new); see the module docstring."""
     delta_B_T = logp_ref_B_T - logp_new_B_T
     return torch.exp(delta_B_T) - delta_B_T - 1.0
 

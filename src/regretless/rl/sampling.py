@@ -3,14 +3,14 @@
 `sample` left-pads the P prompts, runs them through the model once (prefill), repeats the cache G times
 (`DynamicCache.batch_repeat_interleave`) and then feeds one token per step, reusing the cache (updated in
 place). Rows that finish (EOS or a stop string) are dropped from the cache, so late steps only pay for live
-rows. For each sampled token it records the sampler's log-prob under the model's own distribution at
-temperature 1, i.e. `log_softmax(logits)[token]` of the very logits used to draw it: the `logp_old` of the
-importance ratio.
-
-Departures: with temperature != 1 or top_p < 1 the tokens are drawn from the tempered/truncated distribution
-while the recorded log-prob is the untempered one (the learner's distribution), so the importance ratio
-p_learner / p_sampler is taken between the untempered policies, as in the paper's tooling. Row order is
-prompt-major: row i * G + j is sample j of prompt i.
+rows. For each sampled token it records the log-prob of that token under the distribution it was actually drawn
+from, q = softmax(logits / temperature) cut to the top-p nucleus and renormalised: the `logp_old` (p_sampler) of
+the importance ratio p_learner / p_sampler. The learner scores tokens at temperature 1 (its own policy), so with
+temperature 1 and top_p 1 the ratio is 1 on-policy; with temperature != 1 the ratio corrects samples from the
+tempered policy towards the learner's; with top_p < 1 tokens outside the nucleus are never drawn, so their share
+of the policy gradient is missing (the estimate is biased towards the nucleus; keep top_p = 1 for RL).
+The recorded entropy is that of the temperature-1 policy (a diagnostic, and the RL loop's collapse check).
+Row order is prompt-major: row i * G + j is sample j of prompt i.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from regretless.lm import cache_kw, has_trunk, head_logprobs, target_logprobs
 @dataclass
 class SampleBatch:
     tokens_N_T: torch.Tensor  # (N, T) long, completion ids; pad_id after each row's end
-    logp_N_T: torch.Tensor  # (N, T) float32, sampler log-prob (temperature 1); 0 at padding
+    logp_N_T: torch.Tensor  # (N, T) float32, log-prob under the distribution sampled (temperature, top_p); 0 at pad
     entropy_N_T: torch.Tensor  # (N, T) float32, entropy of the temperature-1 distribution; 0 at padding
     mask_N_T: torch.Tensor  # (N, T) bool, True on completion tokens
     lengths_N: torch.Tensor  # (N,) long
@@ -57,22 +57,31 @@ def _positions(attn_B_L: torch.Tensor) -> torch.Tensor:
     return (attn_B_L.cumsum(-1) - 1).clamp(min=0)
 
 
-def _draw(logits_N_V: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-          ) -> torch.Tensor:
-    """Greedy when temperature == 0, else softmax(logits / temperature) cut to the top-p nucleus."""
-    if temperature == 0:
-        return logits_N_V.argmax(-1)
-    probs_N_V = torch.softmax(logits_N_V / temperature, dim=-1)
+def sampling_logprobs(logits_N_V: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """log q, the distribution tokens are drawn from: softmax(logits / temperature) restricted to the top-p nucleus
+    (the smallest set of most likely tokens whose probability reaches top_p; the top token always) and
+    renormalised; -inf outside it. (N, V) float32."""
+    logq_N_V = torch.log_softmax(logits_N_V.float() / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_N_V, order_N_V = probs_N_V.sort(dim=-1, descending=True)
-        outside_N_V = sorted_N_V.cumsum(-1) - sorted_N_V > top_p  # the top token is always kept
-        sorted_N_V = sorted_N_V.masked_fill(outside_N_V, 0.0)
-        probs_N_V = torch.zeros_like(probs_N_V).scatter(-1, order_N_V, sorted_N_V)
-    # exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) draws i with probability p_i (one vectorized pass;
-    # torch.multinomial was 18% of CPU sampling time)
-    gen_device = generator.device if generator is not None else probs_N_V.device
-    race_N_V = torch.empty(probs_N_V.shape, device=gen_device).exponential_(generator=generator)
-    return (probs_N_V / race_N_V.to(probs_N_V.device)).argmax(-1)
+        sorted_N_V, order_N_V = logq_N_V.sort(dim=-1, descending=True)
+        before_N_V = sorted_N_V.exp().cumsum(-1) - sorted_N_V.exp()  # probability of the tokens ranked above
+        outside_N_V = torch.zeros_like(logq_N_V, dtype=torch.bool).scatter(-1, order_N_V, before_N_V >= top_p)
+        logq_N_V = torch.log_softmax(logq_N_V.masked_fill(outside_N_V, float("-inf")), dim=-1)
+    return logq_N_V
+
+
+def _draw(logits_N_V: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens_N, logq_N): greedy (log q = 0) when temperature == 0, else a draw from `sampling_logprobs`."""
+    if temperature == 0:
+        return logits_N_V.argmax(-1), torch.zeros(logits_N_V.shape[0], device=logits_N_V.device)
+    logq_N_V = sampling_logprobs(logits_N_V, temperature, top_p)
+    # exponential race: argmax_i q_i / E_i with E_i ~ Exp(1) draws i with probability q_i (one vectorized pass;
+    # torch.multinomial was 18% of CPU sampling time). log q_i - log E_i: the same argmax, no underflow.
+    gen_device = generator.device if generator is not None else logq_N_V.device
+    race_N_V = torch.empty(logq_N_V.shape, device=gen_device).exponential_(generator=generator)
+    tok_N = (logq_N_V - race_N_V.to(logq_N_V.device).log()).argmax(-1)
+    return tok_N, logq_N_V.gather(-1, tok_N[:, None]).squeeze(-1)
 
 
 @torch.no_grad()
@@ -112,10 +121,10 @@ def sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]]
     lengths_N = torch.zeros(N, dtype=torch.long, device=device)
     stopped_N = torch.zeros(N, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        logp_A_V = torch.log_softmax(logits_A_V, dim=-1)
-        tok_A = _draw(logits_A_V, temperature, top_p, generator)
+        logp_A_V = torch.log_softmax(logits_A_V, dim=-1)  # the temperature-1 policy
+        tok_A, logq_A = _draw(logits_A_V, temperature, top_p, generator)
         tokens_N_T[alive_A, t] = tok_A
-        logp_N_T[alive_A, t] = logp_A_V.gather(-1, tok_A[:, None]).squeeze(-1)
+        logp_N_T[alive_A, t] = logq_A
         entropy_N_T[alive_A, t] = -(logp_A_V.exp() * logp_A_V).sum(-1)
         lengths_N[alive_A] = t + 1
         done_A = torch.tensor([int(x) in eos_set for x in tok_A.tolist()], dtype=torch.bool, device=device)

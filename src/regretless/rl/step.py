@@ -4,11 +4,16 @@ policy gradient of the importance-sampled loss into `.grad` (the caller clips, s
     stats = policy_gradient_step(model, tok, env, problems, prompt_ids, cfg, generator)
     optimizer.step()
 
-Groups whose rewards are all equal carry no signal (their advantages are exactly 0): they are counted in
-`frac_constant_groups` and skipped in the training forward (which runs each prompt once per group, sharing
-its KV cache among the G completions: `group_completion_logprobs`), but their tokens stay in the loss normaliser
-(see `rl.loss`), so skipping them is exactly the same as training on them with zero advantage. With
-`kl_coef > 0` the KL term is therefore only applied on the trained (non-constant) groups' tokens.
+The learner's forward runs with eval() semantics (no dropout) while taking gradients (`learner_mode`): the
+sampler ran without dropout, so on-policy the importance ratio is exactly 1 up to float error.
+
+Groups whose rewards are all equal carry no policy-gradient signal (their advantages are exactly 0): they are
+counted in `frac_constant_groups` and, without a KL term, skipped in the training forward (which runs each prompt
+once per group, sharing its KV cache among the G completions: `group_completion_logprobs`); their tokens stay in
+the loss normaliser (see `rl.loss`), so skipping them is exactly the same as training on them with zero
+advantage. With `kl_coef > 0` every group is trained: the KL term applies to every sampled token.
+With activation checkpointing on, each row runs prompt and completion in one forward (`completion_logprobs`):
+a KV cache built inside a checkpointed layer would be rebuilt by its recomputation.
 `accuracy` is the fraction of samples with a positive reward (for the default answer-match reward, correct).
 """
 
@@ -23,9 +28,24 @@ import torch
 from regretless.config import RLConfig
 from regretless.rl.envs import Env, Problem
 from regretless.rl.loss import constant_groups, group_advantages, pg_loss
-from regretless.rl.sampling import SampleBatch, group_completion_logprobs, sample
+from regretless.rl.sampling import SampleBatch, completion_logprobs, group_completion_logprobs, sample
 
 Reference = Callable[[], contextlib.AbstractContextManager[torch.nn.Module]]
+
+
+def learner_mode(model: torch.nn.Module) -> None:
+    """eval() semantics (no dropout) for a forward that takes gradients. transformers' activation checkpointing
+    only acts on layers whose `training` flag is set, so that flag alone (not their children's) is set again on
+    checkpointed layers; no decoder layer of the common families (Llama, Qwen2/3, Qwen3-MoE, Mistral, Gemma 2,
+    GPT-2) reads it for anything else."""
+    model.eval()
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True
+
+
+def checkpointing_on(model: torch.nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def _masked_mean(x_N_T: torch.Tensor, mask_N_T: torch.Tensor) -> float:
@@ -53,14 +73,16 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
     rewards_P_G = torch.tensor([g.reward for g in grades], dtype=torch.float32).view(len(problems), G)
     adv_N = group_advantages(rewards_P_G, cfg.normalize_std).flatten()
     constant_P = constant_groups(rewards_P_G)
-    train_groups = (~constant_P).nonzero().squeeze(-1).tolist()
+    use_kl = cfg.kl_coef > 0 and reference is not None
+    train_groups = list(range(len(problems))) if use_kl else (~constant_P).nonzero().squeeze(-1).tolist()
     train_rows = [p * G + j for p in train_groups for j in range(G)]
 
     t0 = time.perf_counter()
-    model.train()
-    totals: dict[str, float] = {"loss": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0}
+    learner_mode(model)
+    logprobs = _per_row_logprobs if checkpointing_on(model) else group_completion_logprobs
+    totals: dict[str, float] = {"loss": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0,
+                                "log_ratio_max": 0.0}
     trained_tokens = 0
-    use_kl = cfg.kl_coef > 0 and reference is not None
     per_micro = max(1, cfg.micro_batch_size // G)  # whole groups: each prompt runs once for its G completions
     for start in range(0, len(train_groups), per_micro):
         groups = train_groups[start:start + per_micro]
@@ -71,15 +93,18 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
         logp_ref_B_T = None
         if use_kl:
             with torch.no_grad(), reference() as ref_model, autocast():
-                logp_ref_B_T = group_completion_logprobs(ref_model, group_prompt_ids, G, tokens_B_T, mask_B_T,
-                                                         pad_id)
+                logp_ref_B_T = logprobs(ref_model, group_prompt_ids, G, tokens_B_T, mask_B_T, pad_id)
         with autocast():
-            logp_new_B_T = group_completion_logprobs(model, group_prompt_ids, G, tokens_B_T, mask_B_T, pad_id)
+            logp_new_B_T = logprobs(model, group_prompt_ids, G, tokens_B_T, mask_B_T, pad_id)
         device = logp_new_B_T.device
-        loss, stats = pg_loss(logp_new_B_T, batch.logp_N_T[rows, :T].to(device), adv_N[rows].to(device),
+        logp_old_B_T = batch.logp_N_T[rows, :T].to(device)
+        loss, stats = pg_loss(logp_new_B_T, logp_old_B_T, adv_N[rows].to(device),
                               mask_B_T.to(device), clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
                               logp_ref_B_T=logp_ref_B_T, num_tokens=max(batch.num_tokens, 1))
         loss.backward()
+        with torch.no_grad():
+            gap = ((logp_new_B_T - logp_old_B_T).abs() * mask_B_T.to(device)).max()
+            totals["log_ratio_max"] = max(totals["log_ratio_max"], float(gap))
         totals["loss"] += float(loss.detach())
         for k in ("ratio_mean", "clip_frac", "kl"):
             totals[k] += stats[k] * stats["tokens"]
@@ -96,6 +121,7 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
         "frac_constant_groups": float(constant_P.float().mean()),
         "response_len": float(batch.lengths_N.float().mean()),
         "ratio_mean": totals["ratio_mean"] / n_tok if train_rows else 1.0,
+        "log_ratio_max": totals["log_ratio_max"],  # max |log p_learner - log p_sampler| over trained tokens
         "clip_frac": totals["clip_frac"] / n_tok,
         "kl": totals["kl"] / n_tok,
         "entropy": _masked_mean(batch.entropy_N_T, batch.mask_N_T),
@@ -107,4 +133,11 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
         "trained_sequences": float(len(train_rows)),
     }
     return metrics, batch
+
+
+def _per_row_logprobs(model: torch.nn.Module, prompts_token_ids: list[list[int]], group_size: int,
+                      tokens_N_T: torch.Tensor, mask_N_T: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """`group_completion_logprobs` without the shared prompt cache: each row's prompt runs with its completion."""
+    rows = [p for p in prompts_token_ids for _ in range(group_size)]
+    return completion_logprobs(model, rows, tokens_N_T, mask_N_T, pad_id)
 
