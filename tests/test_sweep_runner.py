@@ -101,3 +101,18 @@ def test_ray_backend_local_instance(tmp_path):
         assert sorted(p["rank"] for p in procs) == ["0", "1"] and {p["world"] for p in procs} == {"2"}
         (gpus,) = {p["gpus"] for p in procs}
         assert len(set(gpus.split(","))) == 2 and set(gpus.split(",")) <= {"0", "1", "2", "3"}
+
+
+def test_cli_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):
+    from regretless.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"command": "sft", "base": {"steps": 2}, "axes": {"seed": [0]}}))
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    for extra in ([], ["--dry-run"]):
+        assert main(["sweep", str(spec), "--out", str(target), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        want = f"regretless sweep: error: --out {target}: is a file; expected a sweep folder (new or from an earlier sweep)"
+        assert err == [want]
+    assert target.read_text() == "keep me"

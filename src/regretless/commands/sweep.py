@@ -61,4 +61,7 @@ def run(args: argparse.Namespace) -> int:
         last = (r.get("error") or "").strip().splitlines()
         print(f"failed: {r['name']} [{r['id']}] {last[-1] if last else ''} (see {args.out}/{r['path']}/stderr.log)",
               file=sys.stderr)
-    return 1 if failed else 0
+    queued = [r for r in result.runs if r["status"] == "queued"]  # not started: their folder was in use
+    for r in queued:
+        print(f"not run: {r['name']} [{r['id']}] {r.get('error') or ''}", file=sys.stderr)
+    return 1 if failed or queued else 0
