@@ -84,7 +84,7 @@ def test_ray_backend_local_instance(tmp_path):
         res = run_sweep({"command": "sft", "base": {"steps": 3},
                          "axes": {"model": ["ok", "fail"], "seed": [0, 1]}}, tmp_path / "r", backend="ray",
                         launcher=launcher, quiet=True)
-        res2 = run_sweep({"command": "sft", "base": {"steps": 3}, "axes": {"seed": [0, 1]}}, tmp_path / "r2",
+        res2 = run_sweep({"command": "sft", "base": {"steps": 3}, "axes": {"seed": [0]}}, tmp_path / "r2",
                          backend="ray", gpus_per_run=2, launcher=launcher, quiet=True)
     finally:
         ray.shutdown()
@@ -94,7 +94,7 @@ def test_ray_backend_local_instance(tmp_path):
     for r in res.runs:
         (start,) = attempts(tmp_path / "r" / r["path"])
         assert start["gpus"] in {"0", "1", "2", "3"}
-    assert res2.counts == {"done": 2}, [r["error"] for r in res2.runs]
+    assert res2.counts == {"done": 1}, [r["error"] for r in res2.runs]
     for r in res2.runs:
         folder = tmp_path / "r2" / r["path"]
         procs = [dict(kv.split("=") for kv in line.split()) for line in (folder / "procs.log").read_text().splitlines()]
