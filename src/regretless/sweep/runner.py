@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from regretless.config import save_config, to_dict
+from regretless.config import atomic_write_text, save_config, to_dict
 from regretless.errors import UserError
 from regretless.sweep import launch, procs
 from regretless.sweep.launch import DEFAULT_LAUNCHER, Progress, read_summary, run_dir
@@ -86,8 +86,6 @@ def prepare(spec: SweepSpec, runs: list[RunSpec], out: Path, ledger: Ledger, ext
     """Write each run's config.yaml and register it in the ledger under this spec (idempotent); the spec
     becomes the current one (`extend`: one of the current ones). Returns the spec's hash."""
     h = spec_hash(spec, runs)
-    from regretless.config import atomic_write_text
-
     atomic_write_text(out / "spec.yaml", yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
     ledger.set_meta("spec_json", json.dumps(spec_to_dict(spec), default=str))
     ledger.set_meta(f"spec:{h}", json.dumps(spec_to_dict(spec), default=str))
