@@ -38,9 +38,10 @@ def test_lora_params_by_group():
 
 
 def test_moe_lora_params():
-    # 8 experts, top-2, expert rank 8 // 2 = 4: gate_up (32 -> 2·16) 8·4·(32 + 32) = 2048, down 8·4·(16 + 32) = 1536
+    # 8 experts, top-2, expert rank 8 // 2 = 4; gate, up and down each their own adapter (the paper's separate
+    # matrices, though gate and up are stored fused): per layer E·r·3·(H + I) = 8·4·3·(32 + 16) = 4608
     counts = count_params(build_model(tiny_qwen3_moe_config()), LoRAConfig(rank=8))
-    assert counts["experts"] == 2 * (2048 + 1536)
+    assert counts["experts"] == 2 * 4608
     assert counts["attn"] == 2 * 8 * (64 + 48 + 48 + 64)
     with pytest.raises(UserError):
         count_params(build_model(tiny_qwen3_moe_config()), LoRAConfig(rank=0))
@@ -55,11 +56,12 @@ def test_flops_tiny_llama():
 
 def test_flops_moe_counts_active_experts_only():
     model = build_model(tiny_qwen3_moe_config())  # top-2 of 8 experts, untied head
-    # per layer: attention 3072; 2 active experts of gate_up 32·32 + down 16·32 = 1536 each; head 32·512
-    active = 2 * (3072 + 2 * 1536) + 32 * 512
+    # per layer: attention 3072; router 32·8; 2 active experts of gate_up 32·32 + down 16·32 = 1536 each;
+    # head 32·512
+    active = 2 * (3072 + 32 * 8 + 2 * 1536) + 32 * 512
     assert flops_per_token(model, None) == 6 * active
-    # LoRA rank 4 (experts 2): attention 4·224 = 896 per layer, each active expert 2·(64 + 48) = 224
-    assert flops_per_token(model, LoRAConfig(rank=4)) == 4 * active + 6 * 2 * (896 + 2 * 224)
+    # LoRA rank 4 (experts 2): attention 4·224 = 896 per layer, each active expert gate, up, down 3·2·(32 + 16) = 288
+    assert flops_per_token(model, LoRAConfig(rank=4)) == 4 * active + 6 * 2 * (896 + 2 * 288)
 
 
 def test_lora_vs_full_flops_ratio_is_about_two_thirds():

@@ -229,7 +229,7 @@ def test_meta_device_targets():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(tiny_qwen3_moe_config())
     targets = find_targets(model, LoRAConfig(rank=8))
-    # per layer: attention 8·(64 + 48 + 48 + 64) = 1792; experts (rank 8 // top-2 = 4, E = 8):
-    # gate_up 8·4·(32 + 32) = 2048, down 8·4·(16 + 32) = 1536
-    assert sum(t.lora_params for t in targets) == 2 * (1792 + 2048 + 1536)
+    # per layer: attention 8·(64 + 48 + 48 + 64) = 1792; experts (rank 8 // top-2 = 4, E = 8), gate, up and down
+    # each 8·4·(32 + 16) = 1536
+    assert sum(t.lora_params for t in targets) == 2 * (1792 + 3 * 1536)
     assert all(t.rank == 4 for t in targets if t.group == "experts")

@@ -71,9 +71,11 @@ def test_regretless_to_peft(family, lora, ids, tmp_path):
     got = _logits(peft_model, ids)
     assert (want - _logits(build_model(make()), ids)).abs().max() > 1e-2  # the adapter does something
     assert (want - got).abs().max() <= TOL
-    # PEFT built the same number of adapter parameters
+    # PEFT built the same adapter, plus the zero off-diagonal blocks of each fused gate_up B
     n_peft = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
-    assert n_peft == sum(p.numel() for _, p in lora_parameters(model))
+    zeros = sum(m.num_experts * m.layout.inter * (m.ranks["gate"] + m.ranks["up"])
+                for _, m in lora_modules(model) if isinstance(m, LoRAExperts))
+    assert n_peft == sum(p.numel() for _, p in lora_parameters(model)) + zeros
 
 
 @pytest.mark.parametrize("targets", [r".*experts\.down_proj", "experts"])
@@ -117,7 +119,8 @@ def test_peft_to_regretless(family, rslora, ids, tmp_path):
     assert {n.rsplit(".", 1)[-1] for n in mods} == {"q_proj", "v_proj", "o_proj"} | ({"experts"} if moe else set())
     if moe:
         ex = mods["model.layers.0.mlp.experts"]
-        assert isinstance(ex, LoRAExperts) and ex.ranks == {"gate_up_proj": 4, "down_proj": 2}
+        # PEFT's rank-4 adapter on the fused gate_up_proj (B not block-diagonal): one fused adapter
+        assert isinstance(ex, LoRAExperts) and ex.ranks == {"gate_up": 4, "down": 2}
     v = mods["model.layers.1.self_attn.v_proj"]
     assert v.scale == pytest.approx(4 / (4**0.5 if rslora else 4))  # alpha_pattern
 
@@ -133,8 +136,9 @@ def test_peft_to_regretless_only_some_expert_params(ids, tmp_path):
     peft_model.save_pretrained(tmp_path / "peft")
     model = build_model(tiny_qwen3_moe_config())
     load_adapter(model, tmp_path / "peft")
-    assert [(n, m.adapted) for n, m in lora_modules(model)] == [("model.layers.0.mlp.experts", ["down_proj"]),
-                                                                ("model.layers.1.mlp.experts", ["down_proj"])]
+    assert [(n, m.adapted, m.ranks) for n, m in lora_modules(model)] == [
+        ("model.layers.0.mlp.experts", ["down_proj"], {"down": 4}),
+        ("model.layers.1.mlp.experts", ["down_proj"], {"down": 4})]
     assert (want - _logits(build_model(tiny_qwen3_moe_config()), ids)).abs().max() > 1e-2
     assert (want - _logits(model, ids)).abs().max() <= TOL
 
@@ -147,9 +151,14 @@ def test_regretless_round_trip_and_config(ids, tmp_path):
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 32
     assert config["base_model_name_or_path"] == "tiny-qwen"
-    assert config["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
-                                           for p in ("gate_up_proj", "down_proj")]
-    assert set(config["rank_pattern"].values()) == {3}
+    assert sorted(config["target_parameters"]) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                                   for p in ("down_proj", "gate_up_proj")]
+    # gate and up (rank 3 each) travel as one block-diagonal rank-6 PEFT adapter on gate_up_proj, whose
+    # alpha_pattern keeps the scale 32/3; down_proj is rank 3
+    esc = r"model\.layers\.0\.mlp\.experts\."
+    assert config["rank_pattern"][esc + "gate_up_proj"] == 6 and config["rank_pattern"][esc + "down_proj"] == 3
+    assert config["alpha_pattern"][esc + "gate_up_proj"] == 64  # 64 / 6 = 32 / 3
+    assert esc + "down_proj" not in config["alpha_pattern"]  # 32 / 3 with the global lora_alpha
     assert all(k.startswith("base_model.model.") for k in load_file(tmp_path / "a" / "adapter_model.safetensors"))
     # saving again replaces the folder atomically (no temp folders left behind)
     save_adapter(model, tmp_path / "a", lora)
@@ -297,10 +306,10 @@ def test_adapter_of_another_base_expert_count(tmp_path):
 def test_adapter_onto_a_non_adaptable_module(saved):
     from transformers import GPT2Config
 
-    # GPT-2's attention uses Conv1D, not nn.Linear: the adapter's module exists but is not a Linear
+    # a LayerNorm: the adapter's module exists but holds no matrix LoRA can adapt
     w = load_file(saved / "adapter_model.safetensors")
-    save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": w[next(iter(w))],
-               "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": torch.zeros(96, 4)},
+    save_file({"base_model.model.transformer.h.0.ln_1.lora_A.weight": w[next(iter(w))],
+               "base_model.model.transformer.h.0.ln_1.lora_B.weight": torch.zeros(32, 4)},
               saved / "adapter_model.safetensors")
     model = build_model(GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=4, n_positions=64))
     assert "cannot adapt" in _load_error(model, saved)

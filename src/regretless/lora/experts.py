@@ -1,141 +1,343 @@
-"""LoRA for fused MoE experts (transformers 5 stores all experts of a layer as 3-D parameters).
+"""LoRA for MoE experts stored as 3-D parameters (transformers 5's fused layout), each expert its own adapter.
 
-`LoRAExperts` wraps an experts module with `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) (or the
-transposed layout, with optional biases) and gives every expert e its own A_e (r_e, d_in) and B_e (d_out, r_e).
-Per-expert rank r_e defaults to rank / top_k, the paper's rule, so LoRA:FullFT parameter ratios match the dense
-layers. The router is never adapted.
+`ExpertsLayout` says how an experts module stores its weights: `gate_up_proj` (E, 2I, H) + `down_proj` (E, H, I)
+(gated), `up_proj` + `down_proj` (not gated, e.g. NemotronH), transposed (E, in, out) (GPT-OSS, Llama4), gate and
+up concatenated or interleaved, biases, and whether the module routes tokens itself (`forward(x, top_k_index,
+top_k_weights)`) or receives them already grouped by expert (Llama4: `forward(x_(E*T), H)`).
+
+`LoRAExperts` gives every expert e of every adapted matrix its own A_e (r, d_in), B_e (d_out, r). The paper adapts
+an expert's gate, up and down projections as separate matrices, each at rank = total rank / active experts; here
+the gate and up halves of a fused `gate_up_proj` are adapted separately too (keys `gate` and `up`), so the fused
+storage does not halve the rank: per layer E·r_e·3·(H + I) LoRA parameters. A PEFT adapter on the fused matrix
+(key `gate_up`, one rank for both halves) is supported as well. The router is never adapted here.
 
 The forward never forms ΔW_e = B_e·A_e: tokens are sorted by expert and each expert's low-rank path runs on its
-routed tokens only, (x_e·A_eᵀ)·B_eᵀ, costing 2·r_e·(d_in + d_out) FLOPs per routed token. On CUDA the grouped
-matmuls go through `torch._grouped_mm` (one kernel for all experts, no host sync); elsewhere a loop over the
-experts that received tokens.
+routed tokens only, (x_e·A_eᵀ)·B_eᵀ. On CUDA, and whenever torch.compile traces it, the routed path has no host
+sync: sorted routing, expert counts kept on the device, `grouped_mm` (or a static per-expert masked loop where
+grouped_mm cannot run), masks instead of boolean indexing. Eager CPU keeps a loop over the experts that got
+tokens (one sync; as fast as grouped_mm there and never slower on odd shapes).
 """
 
 from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from regretless.lora.layer import init_lora_A
 
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    n_experts: int
+    hidden: int  # H: input of the first projection, output of down_proj
+    inter: int  # I: one expert's intermediate size
+    gated: bool  # gate_up_proj (gate and up) or up_proj alone
+    transposed: bool  # stored (E, in, out) instead of (E, out, in)
+    concatenated: bool  # gate rows [:I], up rows [I:]; else interleaved (gate 0::2, up 1::2)
+    bias: bool  # <param>_bias (E, out)
+    batched: bool  # forward(x_(E*T, H)) with tokens grouped per expert (Llama4) instead of routing itself
+
+    @property
+    def first(self) -> str:
+        return "gate_up_proj" if self.gated else "up_proj"
+
+    def matrices(self, fused_gate_up: bool = False) -> dict[str, tuple[str, str | None, int, int]]:
+        """key -> (parameter, part, d_in, d_out) of every matrix the layout holds (parts split gate/up)."""
+        H, I = self.hidden, self.inter
+        if not self.gated:
+            return {"up": ("up_proj", None, H, I), "down": ("down_proj", None, I, H)}
+        first = {"gate_up": ("gate_up_proj", None, H, 2 * I)} if fused_gate_up else {
+            "gate": ("gate_up_proj", "gate", H, I), "up": ("gate_up_proj", "up", H, I)}
+        return {**first, "down": ("down_proj", None, I, H)}
+
+    def rows(self, part: str) -> slice:
+        """Output rows of the fused gate_up matrix that belong to `part` (gate or up)."""
+        I = self.inter
+        if self.concatenated:
+            return slice(0, I) if part == "gate" else slice(I, 2 * I)
+        return slice(0, None, 2) if part == "gate" else slice(1, None, 2)
 
 
-def is_fused_experts(module: nn.Module) -> bool:
-    p = getattr(module, "gate_up_proj", None)
-    d = getattr(module, "down_proj", None)
-    return isinstance(p, nn.Parameter) and isinstance(d, nn.Parameter) and p.dim() == 3 and d.dim() == 3
+def matrix_key(param: str, part: str | None) -> str:
+    if part:
+        return part
+    return {"gate_up_proj": "gate_up", "down_proj": "down", "up_proj": "up"}[param]
 
 
-def expert_dims(module: nn.Module, name: str) -> tuple[int, int, int]:
-    """(n_experts, d_in, d_out) of a fused expert parameter."""
-    E, a, b = getattr(module, name).shape
-    return (E, a, b) if getattr(module, "is_transposed", False) else (E, b, a)
+def experts_layout(module: nn.Module) -> ExpertsLayout | str:
+    """The module's expert layout, or a one-line reason why it is not one regretless implements."""
+    three = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    if "gate_up_proj" in three and "down_proj" in three:
+        gated = True
+    elif set(three) == {"up_proj", "down_proj"}:
+        gated = False
+    else:
+        return f"3-D weights {sorted(three)} are not a gate_up_proj (or up_proj) + down_proj expert layout"
+    if getattr(module, "has_gate", gated) != gated:
+        return f"has_gate={module.has_gate} disagrees with its weights {sorted(three)}"
+    first = three["gate_up_proj" if gated else "up_proj"]
+    down = three["down_proj"]
+    E, a, b = first.shape
+    _, c, d = down.shape
+    m = 2 if gated else 1
+    plain = b == c and a == m * d  # first (E, m·I, H), down (E, H, I)
+    trans = a == d and b == m * c  # first (E, H, m·I), down (E, I, H)
+    if hasattr(module, "is_transposed"):
+        transposed = bool(module.is_transposed)
+        if not (trans if transposed else plain):
+            return f"is_transposed={transposed} disagrees with shapes {tuple(first.shape)}, {tuple(down.shape)}"
+    elif plain != trans:
+        transposed = trans
+    else:
+        return f"cannot tell the orientation of shapes {tuple(first.shape)}, {tuple(down.shape)}"
+    H, I = (a, c) if transposed else (b, d)
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(params) >= 3:
+        batched = False
+    elif len(params) == 1 and not hasattr(module, "has_gate"):
+        batched = True
+    else:
+        return f"forward{inspect.signature(module.forward)} is neither (x, top_k_index, top_k_weights) nor (x)"
+    bias = bool(getattr(module, "has_bias", False))
+    if bias and not all(hasattr(module, f"{n}_bias") for n in three):
+        return "has_bias=True without <weight>_bias parameters"
+    if getattr(module, "has_post_expert_norm", False) and batched:
+        return "post-expert norm on a batched layout"
+    return ExpertsLayout(E, H, I, gated, transposed, bool(getattr(module, "is_concatenated", True)), bias, batched)
 
 
-def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
-            and w.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0)
+def _pad_rank(A: torch.Tensor, B: torch.Tensor, mult: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad A (E, in, r) and B (E, r, out) to a rank that is a multiple of `mult` (exact)."""
+    pad = -A.shape[-1] % mult
+    if pad:
+        A = nn.functional.pad(A, (0, pad))
+        B = nn.functional.pad(B, (0, 0, 0, pad))
+    return A, B
 
 
-def grouped_linear(x_N_in: torch.Tensor, w_E_in_out: torch.Tensor, counts_E: torch.Tensor,
-                   offsets_E: torch.Tensor) -> torch.Tensor:
-    """Rows of x are sorted by expert (counts_E rows each); row n of the result is x[n] @ w[expert(n)]."""
-    if _grouped_mm_ok(x_N_in, w_E_in_out):
-        return torch._grouped_mm(x_N_in, w_E_in_out, offs=offsets_E)
-    out = x_N_in.new_empty(x_N_in.shape[0], w_E_in_out.shape[-1])
-    start = 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n:
-            out[start:start + n] = x_N_in[start:start + n] @ w_E_in_out[e]
-            start += n
-    return out
+def routing_mode(x: torch.Tensor, w: torch.Tensor) -> str:
+    """How the routed path multiplies: `grouped` (grouped_mm, sync-free), `masked` (a static loop over the
+    experts, sync-free, E x the compute: only where torch.compile traces a dtype grouped_mm cannot take) or `loop`
+    (eager: a loop over the experts that got tokens, one host sync)."""
+    compiling = torch.compiler.is_compiling()
+    if (x.is_cuda or compiling) and _grouped_mm_ok(x, w, compiling):
+        return "grouped"
+    return "masked" if compiling else "loop"
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, compiling: bool = False) -> bool:
+    """grouped_mm needs 16-byte aligned strides; its CUDA kernels and its compiled form need bf16."""
+    if not hasattr(torch.nn.functional, "grouped_mm") or x.dtype != w.dtype:
+        return False
+    if (x.is_cuda or compiling) and x.dtype != torch.bfloat16:
+        return False
+    align = 16 // x.element_size()
+    return all(s % align == 0 for s in (*x.stride()[:-1], *[st for st in w.stride() if st != 1])) and \
+        x.shape[-1] % align == 0 and w.shape[-1] % align == 0
+
+
+class Routing:
+    """Slots (token, k) sorted by expert, with the counts that grouped matmuls need.
+
+    In the `grouped` and `masked` modes the counts stay on the device (no .tolist(), no bincount, no boolean
+    indexing): nothing waits for the host. `loop` reads them once to the host."""
+
+    def __init__(self, top_k_index: torch.Tensor, n_experts: int, mode: str):
+        E = n_experts
+        self.K = top_k_index.shape[-1]
+        expert_S = top_k_index.reshape(-1)  # (S,) S = T·K
+        self.expert_S, self.order_S = torch.sort(expert_S, stable=True)  # sentinel ids (>= E) sort last
+        self.valid_S = self.expert_S < E  # (S,) slots routed to a local expert
+        self.expert_c = self.expert_S.clamp(max=E - 1)  # in-bounds ids for gathers (invalid rows are masked)
+        self.token_S = self.order_S // self.K
+        counts = torch.zeros(E + 1, dtype=torch.int64, device=expert_S.device)
+        counts.scatter_add_(0, self.expert_S.clamp(0, E), torch.ones_like(self.expert_S))
+        self.offsets_E = torch.cumsum(counts[:E], 0).to(torch.int32)  # end row of each expert's group
+        self.mode = mode
+        self.counts: list[int] | None = counts[:E].tolist() if mode == "loop" else None
+        self.n_experts = E
+
+    def mm(self, x_S: torch.Tensor, w_E_in_out: torch.Tensor) -> torch.Tensor:
+        """Row s of the result is x[s] @ w[expert(s)]; rows of invalid slots are unspecified (mask them)."""
+        if self.counts is not None:
+            out = x_S.new_zeros(x_S.shape[0], w_E_in_out.shape[-1])
+            start = 0
+            for e, n in enumerate(self.counts):
+                if n:
+                    out[start:start + n] = x_S[start:start + n] @ w_E_in_out[e]
+                    start += n
+            return out
+        if self.mode == "grouped" and _grouped_mm_ok(x_S, w_E_in_out, torch.compiler.is_compiling()):
+            return torch.nn.functional.grouped_mm(x_S, w_E_in_out, offs=self.offsets_E)
+        out = x_S.new_zeros(x_S.shape[0], w_E_in_out.shape[-1])
+        for e in range(self.n_experts):  # static loop: no data-dependent shapes
+            out = torch.where((self.expert_S == e).unsqueeze(-1), x_S @ w_E_in_out[e], out)
+        return out
 
 
 class LoRAExperts(nn.Module):
-    def __init__(self, base_layer: nn.Module, ranks: dict[str, int], scales: dict[str, float]):
+    def __init__(self, base_layer: nn.Module, layout: ExpertsLayout, ranks: dict[str, int],
+                 scales: dict[str, float]):
         super().__init__()
         self.base_layer = base_layer
-        self.ranks = dict(ranks)
-        self.scales = dict(scales)
-        self.num_experts = base_layer.gate_up_proj.shape[0]
-        self.adapted = [n for n in EXPERT_PARAMS if n in ranks]  # registration order of the base parameters
-        for name in self.adapted:
-            E, d_in, d_out = expert_dims(base_layer, name)
-            w = getattr(base_layer, name)
+        self.layout = layout
+        self.num_experts = layout.n_experts
+        specs = layout.matrices(fused_gate_up="gate_up" in ranks)
+        unknown = set(ranks) - set(specs)
+        if unknown:
+            raise ValueError(f"unknown expert matrices {sorted(unknown)}; this layout has {sorted(specs)}")
+        self.specs = {k: v for k, v in specs.items() if k in ranks}  # key -> (param, part, d_in, d_out)
+        self.ranks = {k: int(ranks[k]) for k in self.specs}
+        self.scales = {k: float(scales[k]) for k in self.specs}
+        for key, (param, _part, d_in, d_out) in self.specs.items():
+            w = getattr(base_layer, param)
+            E, r = layout.n_experts, self.ranks[key]
             # adapter weights stay fp32 (they are the trained master copy) whatever the base dtype
-            A = nn.Parameter(torch.empty(E, ranks[name], d_in, device=w.device, dtype=torch.float32))
+            A = nn.Parameter(torch.empty(E, r, d_in, device=w.device, dtype=torch.float32))  # (E, r, d_in)
             if w.device.type != "meta":
                 for e in range(E):
                     init_lora_A(A.data[e])
-            setattr(self, f"lora_A_{name}", A)  # (E, r, d_in)
-            setattr(self, f"lora_B_{name}", nn.Parameter(torch.zeros(E, d_out, ranks[name], device=w.device,
+            setattr(self, f"lora_A_{key}", A)
+            setattr(self, f"lora_B_{key}", nn.Parameter(torch.zeros(E, d_out, r, device=w.device,
                                                                       dtype=torch.float32)))  # (E, d_out, r)
         self.enabled = True
         self.merged = False
         self._backup: dict[str, torch.Tensor] = {}
 
-    def lora_A(self, name: str) -> nn.Parameter:
-        return getattr(self, f"lora_A_{name}")
+    def __getattr__(self, name: str):  # the MoE block may read attributes of its experts (num_experts, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "layout") or name.startswith("lora_"):
+                raise
+            return getattr(self.base_layer, name)
 
-    def lora_B(self, name: str) -> nn.Parameter:
-        return getattr(self, f"lora_B_{name}")
+    @property
+    def adapted(self) -> list[str]:
+        """Base parameters that carry an adapter, in registration order."""
+        used = {p for p, *_ in self.specs.values()}
+        return [n for n, _ in self.base_layer.named_parameters(recurse=False) if n in used]
 
-    def _weight_in_out(self, name: str) -> torch.Tensor:
-        w = getattr(self.base_layer, name)
-        return w if getattr(self.base_layer, "is_transposed", False) else w.transpose(-2, -1)  # (E, in, out)
+    def lora_A(self, key: str) -> nn.Parameter:
+        return getattr(self, f"lora_A_{key}")
 
-    def _proj(self, name: str, x_N: torch.Tensor, counts_E, offsets_E, expert_N) -> torch.Tensor:
+    def lora_B(self, key: str) -> nn.Parameter:
+        return getattr(self, f"lora_B_{key}")
+
+    def _w_in_out(self, param: str) -> torch.Tensor:
+        w = getattr(self.base_layer, param)
+        return w if self.layout.transposed else w.transpose(-2, -1)  # (E, in, out)
+
+    def _active(self) -> bool:
+        return self.enabled and not self.merged
+
+    def _lora_in_out(self, key: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        A = self.lora_A(key).transpose(-2, -1).to(dtype)  # (E, in, r)
+        B = self.lora_B(key).transpose(-2, -1).to(dtype)  # (E, r, out)
+        return A, B
+
+    def _delta(self, param: str, x: torch.Tensor, mm) -> torch.Tensor | None:
+        """s·(x·Aᵀ)·Bᵀ for every adapted matrix of `param`, laid out as the base parameter's outputs."""
+        keys = [k for k, (p, *_) in self.specs.items() if p == param] if self._active() else []
+        if not keys:
+            return None
+        parts = {}
+        for k in keys:
+            A, B = self._lora_in_out(k, x.dtype)
+            A, B = _pad_rank(A, B, 8)  # 16-byte rows for grouped_mm (zero padding: exact)
+            parts[self.specs[k][1]] = self.scales[k] * mm(mm(x, A), B)
+        if None in parts:  # a whole-matrix adapter (down, up, or PEFT's fused gate_up)
+            return parts[None]
+        zero = x.new_zeros(x.shape[:-1] + (self.layout.inter,))
+        gate, up = parts.get("gate", zero), parts.get("up", zero)
+        if self.layout.concatenated:
+            return torch.cat([gate, up], dim=-1)
+        return torch.stack([gate, up], dim=-1).flatten(-2)  # interleaved: gate 0::2, up 1::2
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        w = self._weight_in_out(name)  # (E, in, out)
-        x_N = x_N.to(w.dtype)
-        y = grouped_linear(x_N, w, counts_E, offsets_E)  # (N, out)
-        if getattr(base, "has_bias", False):
-            y = y + getattr(base, f"{name}_bias")[expert_N]
-        if self.enabled and not self.merged and name in self.ranks:
-            A = self.lora_A(name).transpose(-2, -1).to(w.dtype)  # (E, in, r)
-            B = self.lora_B(name).transpose(-2, -1).to(w.dtype)  # (E, r, out)
-            pad = -A.shape[-1] % 8
-            if pad and _grouped_mm_ok(x_N, w):  # grouped_mm wants 16-byte rows: zero-pad the rank (exact)
-                A = torch.nn.functional.pad(A, (0, pad))
-                B = torch.nn.functional.pad(B, (0, 0, 0, pad))
-            h = grouped_linear(x_N, A, counts_E, offsets_E)  # (N, r)
-            y = y + self.scales[name] * grouped_linear(h, B, counts_E, offsets_E)
-        return y
+        if not self.layout.gated:
+            return base.act_fn(h)
+        if hasattr(base, "_apply_gate"):
+            return base._apply_gate(h)
+        gate, up = h.chunk(2, dim=-1)
+        return base.act_fn(gate) * up
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.layout.batched:
+            return self._forward_batched(hidden_states)
+        return self._forward_routed(hidden_states, top_k_index, top_k_weights)
+
+    def _forward_routed(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         T, H = hidden_states.shape  # (T, H)
-        K = top_k_index.shape[-1]
-        E = self.num_experts
-        expert_S = top_k_index.reshape(-1)  # (S,) S = T*K
-        order_S = torch.argsort(expert_S, stable=True)
-        expert_S = expert_S[order_S]
-        keep = expert_S < E  # sentinel ids (>= E) mark slots that go to no local expert
-        order_N, expert_N = order_S[keep], expert_S[keep]  # (N,)
-        token_N = order_N // K
-        weight_N = top_k_weights.reshape(-1)[order_N]
-        counts_E = torch.bincount(expert_N, minlength=E)
-        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        x_N = hidden_states[token_N]  # (N, H)
-        h = self._proj("gate_up_proj", x_N, counts_E, offsets_E, expert_N)  # (N, 2I)
-        h = self.base_layer._apply_gate(h) if hasattr(self.base_layer, "_apply_gate") else self._gate(h)
-        y = self._proj("down_proj", h, counts_E, offsets_E, expert_N)  # (N, H)
-        if getattr(self.base_layer, "has_post_expert_norm", False):
-            y = self.base_layer.post_expert_norm(y)
-        y = y * weight_N.unsqueeze(-1).to(y.dtype)
-        out = torch.zeros(T, H, device=y.device, dtype=torch.float32)
-        out.index_add_(0, token_N, y.float())
+        base, lay = self.base_layer, self.layout
+        w_first = self._w_in_out(lay.first)
+        route = Routing(top_k_index, lay.n_experts, routing_mode(hidden_states.to(w_first.dtype), w_first))
+        dtype = w_first.dtype
+        valid = route.valid_S.unsqueeze(-1)  # (S, 1); masks (not boolean indexing) keep shapes static
+        x_S = torch.where(valid, hidden_states[route.token_S].to(dtype), 0)  # (S, H) in expert order
+        h = route.mm(x_S, w_first)  # (S, m·I)
+        if lay.bias:
+            h = h + getattr(base, f"{lay.first}_bias")[route.expert_c]
+        d = self._delta(lay.first, x_S, route.mm)
+        if d is not None:
+            h = h + d
+        h = self._act(torch.where(valid, h, 0))  # (S, I); rows of unrouted slots -> 0 (grouped_mm leaves them)
+        y = route.mm(h, self._w_in_out("down_proj"))  # (S, H)
+        if lay.bias:
+            y = y + base.down_proj_bias[route.expert_c]
+        d = self._delta("down_proj", h, route.mm)
+        if d is not None:
+            y = y + d
+        if getattr(base, "has_post_expert_norm", False):
+            y = base.post_expert_norm(y)
+        w_S = top_k_weights.reshape(-1)[route.order_S]  # (S,)
+        y = torch.where(valid, y.float(), 0.0) * w_S.unsqueeze(-1).float()  # (S, H)
+        inverse = torch.empty_like(route.order_S)
+        inverse[route.order_S] = torch.arange(route.order_S.shape[0], device=inverse.device)
+        out = y[inverse].view(T, route.K, H).sum(dim=1)  # deterministic per-token sum over its K slots
         return out.to(hidden_states.dtype)
 
-    def _gate(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.chunk(2, dim=-1)
-        return self.base_layer.act_fn(gate) * up
+    def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        E = lay.n_experts
+        dtype = getattr(self.base_layer, lay.first).dtype
+        x_E = x.reshape(E, -1, lay.hidden).to(dtype)  # (E, T, H): tokens already grouped per expert
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW in the base parameter's own layout (E, out, in) or (E, in, out) if transposed. Merge/export only."""
-        d = self.scales[name] * torch.bmm(self.lora_B(name).float(), self.lora_A(name).float())  # (E, out, in)
-        return d.transpose(-2, -1) if getattr(self.base_layer, "is_transposed", False) else d
+        def bmm(a, w):
+            return torch.bmm(a, w)
+
+        h = bmm(x_E, self._w_in_out(lay.first))  # (E, T, m·I)
+        d = self._delta(lay.first, x_E, bmm)
+        if d is not None:
+            h = h + d
+        h = self._act(h)
+        y = bmm(h, self._w_in_out("down_proj"))  # (E, T, H)
+        d = self._delta("down_proj", h, bmm)
+        if d is not None:
+            y = y + d
+        return y.reshape(-1, lay.hidden)
+
+    def delta_weight(self, param: str) -> torch.Tensor:
+        """ΔW of one base parameter in its own layout ((E, out, in), or (E, in, out) if transposed). Merge only."""
+        E = self.layout.n_experts
+        w = getattr(self.base_layer, param)
+        d_out, d_in = (w.shape[2], w.shape[1]) if self.layout.transposed else (w.shape[1], w.shape[2])
+        d = torch.zeros(E, d_out, d_in, device=w.device, dtype=torch.float32)  # (E, out, in)
+        for k, (p, part, *_) in self.specs.items():
+            if p != param:
+                continue
+            dk = self.scales[k] * torch.bmm(self.lora_B(k).float(), self.lora_A(k).float())  # (E, out_k, in)
+            if part is None:
+                d += dk
+            else:
+                d[:, self.layout.rows(part)] += dk
+        return d.transpose(-2, -1) if self.layout.transposed else d
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -160,21 +362,25 @@ class LoRAExperts(nn.Module):
 
 
 @torch.no_grad()
-def check_supported(module: nn.Module) -> str | None:
-    """Run the wrapper (LoRA off) and the original module on a few random tokens; None if they agree, else why."""
-    w = module.gate_up_proj
+def check_supported(module: nn.Module, layout: ExpertsLayout) -> str | None:
+    """Run the wrapper (B = 0) and the original module on a few random tokens; None if they agree, else why."""
+    w = getattr(module, layout.first)
     if w.device.type == "meta":
         return None
-    E = w.shape[0]
-    H = expert_dims(module, "gate_up_proj")[1]
+    E, H = layout.n_experts, layout.hidden
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(6, H, generator=g).to(device=w.device, dtype=w.dtype)
-    idx = torch.stack([torch.randperm(E, generator=g)[: min(2, E)] for _ in range(6)]).to(w.device)
-    wts = torch.rand(idx.shape, generator=g).to(device=w.device, dtype=w.dtype)
-    probe = LoRAExperts(module, {}, {})
+    probe = LoRAExperts(module, layout, {}, {})
     try:
-        ref = module(x, idx, wts)
-        got = probe(x, idx, wts)
+        if layout.batched:
+            x = torch.randn(E * 3, H, generator=g).to(device=w.device, dtype=w.dtype)
+            ref, got = module(x), probe(x)
+        else:
+            x = torch.randn(6, H, generator=g).to(device=w.device, dtype=w.dtype)
+            idx = torch.stack([torch.randperm(E, generator=g)[: min(2, E)] for _ in range(6)]).to(w.device)
+            wts = torch.rand(idx.shape, generator=g).to(device=w.device, dtype=w.dtype)
+            ref, got = module(x, idx, wts), probe(x, idx, wts)
+        if isinstance(ref, tuple):
+            ref = ref[0]
     except Exception as e:  # noqa: BLE001 - any failure means the layout is not the one we implement
         return f"{type(e).__name__}: {e}"
     tol = 1e-4 if w.dtype == torch.float32 else 3e-2

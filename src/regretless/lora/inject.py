@@ -1,32 +1,34 @@
 """Which matrices get LoRA, and wrapping them in place.
 
-Presets (the paper's finding 4: attention-only LoRA is not enough, use all weight matrices):
-  all  = every attention and MLP projection, and every routed expert of MoE layers
-  mlp  = MLP projections and routed experts;   attn = attention projections only
-or explicit module names (matched as a dotted suffix, e.g. `q_proj`, `layers.0.mlp.up_proj`) or regexes
-(full match on the module path, or `path.param` for one fused expert parameter, e.g. `.*experts\\.down_proj`).
-Routers, embeddings and the LM head are never adapted unless named explicitly.
+Presets select by role, on the structural scan of `regretless.lora.structure` (the paper's finding 4: attention-only
+LoRA is not enough, use all weight matrices):
+  all  = every matrix in the repeated blocks: attention, MLP, shared and routed experts, SSM projections, others
+  mlp  = MLP matrices, shared and routed experts;   attn = attention matrices only
+or explicit names (a dotted suffix of the module path, e.g. `q_proj`, `layers.0.mlp.up_proj`, or of `path.param`
+for an expert or bare weight, e.g. `experts.down_proj`, `mlp.gate.weight`) or regexes (full match). Routers,
+embeddings and the LM head are adapted only when named. `lora.exclude` takes the same patterns and leaves what
+they match unadapted, including weights regretless cannot adapt (otherwise an error when a preset is used).
+Routed experts get rank // top-k each (the paper's budget), the gate and up halves of a fused gate_up_proj each
+their own adapter at that rank.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from regretless.errors import UserError
 from regretless.lora.config import LoRAConfig
-from regretless.lora.experts import EXPERT_PARAMS, LoRAExperts, check_supported, expert_dims, is_fused_experts
-from regretless.lora.layer import LoRALinear
+from regretless.lora.experts import LoRAExperts, check_supported, experts_layout, matrix_key
+from regretless.lora.layer import LoRALinear, LoRAParam
+from regretless.lora.structure import REASONS, Left, Scan, layer_pattern, matches, scan
 
 PRESETS = ("all", "mlp", "attn")
-ATTN_PARTS = {"self_attn", "attn", "attention", "self_attention", "cross_attn", "linear_attn"}
-MLP_PARTS = {"mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "shared_expert", "shared_experts"}
-ROUTER_NAMES = {"gate", "router", "shared_expert_gate", "w_gate", "wg"}
-HEAD_NAMES = {"lm_head", "embed_out", "output"}
+PRESET_ROLES = {"all": {"attn", "mlp", "experts", "ssm", "other"}, "mlp": {"mlp", "experts"}, "attn": {"attn"}}
+WRAPPERS = (LoRALinear, LoRAExperts, LoRAParam)
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,19 @@ class Target:
     """One adapted matrix (or stack of expert matrices)."""
 
     name: str  # module path
-    group: str  # attn | mlp | experts | other
-    param: str | None  # fused expert parameter name, None for nn.Linear
+    group: str  # role: attn | mlp | experts | ssm | other | router | head | outside
+    param: str | None  # expert or bare parameter name; None for nn.Linear / Conv1D
     d_in: int
     d_out: int
     n_experts: int  # 1 for a dense matrix
     rank: int  # per expert for experts
+    part: str | None = None  # gate | up: one half of a fused gate_up_proj
+    kind: str = "linear"  # linear | conv1d | experts | param
+    uses: float = 1.0  # passes of one token per forward (top_k for routed experts)
+
+    @property
+    def path(self) -> str:
+        return f"{self.name}.{self.param}" if self.param else self.name
 
     @property
     def lora_params(self) -> int:
@@ -50,63 +59,13 @@ class Target:
         return self.n_experts * self.d_in * self.d_out
 
 
-def top_k(config) -> int:
-    for key in ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "num_selected_experts"):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 1
-
-
-def group_of(name: str) -> str:
-    parts = name.split(".")
-    if "experts" in parts:
-        return "experts"
-    if any(p in ATTN_PARTS for p in parts):
-        return "attn"
-    if any(p in MLP_PARTS for p in parts):
-        return "mlp"
-    return "other"
-
-
-def _is_excluded(name: str, module: nn.Module, model: nn.Module) -> bool:
-    last = name.rsplit(".", 1)[-1]
-    if last in ROUTER_NAMES or last in HEAD_NAMES:
-        return True
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return module is out
-
-
-def candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module, str | None]]:
-    """(module path, module, fused-expert parameter or None) for every adaptable matrix."""
-    for name, module in model.named_modules():
-        if isinstance(module, (LoRALinear, LoRAExperts)):
-            raise UserError("the model already has LoRA adapters; load or apply adapters on a fresh model")
-        if isinstance(module, nn.Linear):
-            yield name, module, None
-        elif is_fused_experts(module):
-            for p in EXPERT_PARAMS:
-                yield name, module, p
-
-
-def _matches(name: str, param: str | None, pattern: str) -> bool:
-    full = f"{name}.{param}" if param else name
-    if full == pattern or full.endswith("." + pattern) or name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, full) is not None or re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
 def _target_list(targets) -> list[str]:
     if isinstance(targets, str):
         return [t.strip() for t in targets.split(",") if t.strip()]
     return [str(t) for t in targets]
 
 
-def find_targets(model: nn.Module, cfg: LoRAConfig) -> list[Target]:
-    """The matrices `cfg` selects, with their shapes and ranks. Works on a model on the meta device."""
+def _check_cfg(cfg: LoRAConfig) -> list[str]:
     if cfg.rank <= 0:
         raise UserError(f"lora.rank: expected a positive integer, got {cfg.rank}")
     if cfg.expert_rank is not None and cfg.expert_rank <= 0:
@@ -114,70 +73,120 @@ def find_targets(model: nn.Module, cfg: LoRAConfig) -> list[Target]:
     wanted = _target_list(cfg.targets)
     if not wanted:
         raise UserError("lora.targets: empty; expected all, mlp, attn, or module names/regexes")
-    expert_rank = cfg.expert_rank or max(1, cfg.rank // top_k(getattr(model, "config", None)))
+    return wanted
+
+
+def plan(model: nn.Module, cfg: LoRAConfig) -> tuple[list[Target], list[Left], Scan]:
+    """(targets, weights left unadapted with their reasons, the scan). Works on a model on the meta device."""
+    wanted = _check_cfg(cfg)
+    excludes = _target_list(cfg.exclude)
+    s = scan(model)
     found: list[Target] = []
+    left: list[Left] = list(s.left)
     unmatched = set(wanted)
-    for name, module, param in candidates(model):
-        group = group_of(name)
-        hit = None
-        for w in wanted:
-            if w in PRESETS:
-                ok = (not _is_excluded(name, module, model)) and (
-                    (w == "all" and group in ("attn", "mlp", "experts"))
-                    or (w == "mlp" and group in ("mlp", "experts"))
-                    or (w == "attn" and group == "attn"))
-            else:
-                ok = _matches(name, param, w)
-            if ok:
-                hit = w
-                unmatched.discard(w)
-        if hit is None:
+    for u in s.units:
+        hits = [w for w in wanted if (u.in_block and u.role in PRESET_ROLES[w] if w in PRESETS
+                                      else matches(u.name, u.param, w))]
+        unmatched -= set(hits)
+        n = u.n_experts * u.d_in * u.d_out
+        if any(matches(u.name, u.param, x) for x in excludes):
+            left.append(Left(u.path + (f"[{u.part}]" if u.part else ""), n, "excluded"))
             continue
-        if param is None:
-            d_in, d_out, n = module.in_features, module.out_features, 1
-        else:
-            n, d_in, d_out = expert_dims(module, param)
-        rank = expert_rank if group == "experts" else cfg.rank
-        if rank > min(d_in, d_out):
-            where = f"{name}.{param}" if param else name
-            raise UserError(f"lora rank {rank} is larger than the smallest dimension of {where} "
-                            f"({d_out}x{d_in}); expected rank <= {min(d_in, d_out)}")
-        found.append(Target(name, group, param, d_in, d_out, n, rank))
+        if not hits:
+            if u.in_block and u.role not in ("router",):
+                left.append(Left(u.path + (f"[{u.part}]" if u.part else ""), n, "preset"))
+            continue
+        rank = (cfg.expert_rank or max(1, cfg.rank // u.top_k)) if u.role == "experts" else cfg.rank
+        if rank > min(u.d_in, u.d_out):
+            raise UserError(f"lora rank {rank} is larger than the smallest dimension of {u.path} "
+                            f"({u.d_out}x{u.d_in}); expected rank <= {min(u.d_in, u.d_out)}, or leave it out "
+                            "with lora.exclude")
+        found.append(Target(u.name, u.role, u.param, u.d_in, u.d_out, u.n_experts, rank, u.part, u.kind, u.uses))
     if unmatched:
-        names = sorted({n for n, _, _ in candidates(model)})
-        shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+        shown = ", ".join(sorted({u.name.rsplit(".", 1)[-1] for u in s.units}))
         raise UserError(f"lora.targets: {min(unmatched)!r} matches no module; modules that exist: "
                         f"{shown} (or presets {', '.join(PRESETS)})")
-    return found
+    bad = [w for w in left if w.reason == "unsupported" and not any(matches(w.name, None, x) for x in excludes)]
+    if bad and any(w in PRESETS for w in wanted):
+        names = sorted({layer_pattern(w.name) for w in bad})
+        why = sorted({str(v) for k, v in s.layouts.items() if isinstance(v, str)
+                      and any(w.name.startswith(k + ".") for w in bad)})
+        raise UserError(f"lora.targets={cfg.targets}: the blocks hold weight matrices regretless cannot adapt: "
+                        f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+                        f"{' (' + '; '.join(why) + ')' if why else ''}; leave them unadapted knowingly with "
+                        f"lora.exclude={names[0]!r}")
+    for i, w in enumerate(left):
+        if w.reason == "unsupported" and any(matches(w.name, None, x) for x in excludes):
+            left[i] = Left(w.name, w.numel, "excluded")
+    return found, left, s
+
+
+def find_targets(model: nn.Module, cfg: LoRAConfig) -> list[Target]:
+    """The matrices `cfg` selects, with their shapes and ranks. Works on a model on the meta device."""
+    return plan(model, cfg)[0]
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, targets: list[Target] | None = None,
-               verbose: bool = False) -> LoRAReport:
-    """Freeze the model and wrap every target in place. Returns the coverage report."""
+               verbose: bool = False, scales: dict[str, float] | None = None) -> LoRAReport:
+    """Freeze the model and wrap every target in place. Returns the coverage report.
+    `scales` (keyed by `Target.path` + `[part]`) overrides cfg.scale(rank), e.g. for PEFT's alpha_pattern."""
     _check_causal_lm(model)
-    targets = find_targets(model, cfg) if targets is None else targets
+    if targets is None:
+        targets, left, _ = plan(model, cfg)
+    else:  # targets from an adapter file
+        s = scan(model)
+        chosen = {(t.name, t.param, t.part) for t in targets} | {(t.name, t.param, None) for t in targets}
+        left = list(s.left) + [Left(u.path + (f"[{u.part}]" if u.part else ""), u.n_experts * u.d_in * u.d_out,
+                                    "adapter") for u in s.units if u.in_block and u.role != "router"
+                               and (u.name, u.param, u.part) not in chosen and (u.name, u.param, None) not in chosen]
     model_params = sum(p.numel() for p in model.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
     by_module: dict[str, list[Target]] = {}
     for t in targets:
         by_module.setdefault(t.name, []).append(t)
+
+    def scale_of(t: Target) -> float:
+        key = t.path + (f"[{t.part}]" if t.part else "")
+        return scales[key] if scales and key in scales else cfg.scale(t.rank)
+
+    wrapped_all: list[tuple[str, nn.Module]] = []
     for name, ts in by_module.items():
         module = model.get_submodule(name)
-        if ts[0].param is None:
-            wrapped: nn.Module = LoRALinear(module, ts[0].rank, cfg.scale(ts[0].rank))
+        kind = ts[0].kind
+        if kind in ("linear", "conv1d"):
+            wrapped: nn.Module = LoRALinear(module, ts[0].rank, scale_of(ts[0]))
+        elif kind == "param":
+            wrapped = LoRAParam(module, ts[0].param, ts[0].rank, scale_of(ts[0]))
         else:
-            why = check_supported(module)
+            layout = experts_layout(module)
+            why = layout if isinstance(layout, str) else check_supported(module, layout)
             if why is not None:
-                raise UserError(f"{name}: fused experts of type {type(module).__name__} use a layout regretless "
-                                f"cannot adapt ({why}); exclude them with lora.targets")
-            wrapped = LoRAExperts(module, {t.param: t.rank for t in ts}, {t.param: cfg.scale(t.rank) for t in ts})
+                raise UserError(f"{name}: experts of type {type(module).__name__} use a layout regretless "
+                                f"cannot adapt ({why}); leave them out with lora.exclude={name!r}")
+            keys = {matrix_key(t.param, t.part): t for t in ts}
+            wrapped = LoRAExperts(module, layout, {k: t.rank for k, t in keys.items()},
+                                  {k: scale_of(t) for k, t in keys.items()})
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
-    report = LoRAReport(targets, model_params)
+        wrapped_all.append((name, wrapped))
+    _mark_shared(model, wrapped_all)
+    report = LoRAReport(list(targets), model_params, left)
     if verbose:
         print(report.table())
     return report
+
+
+def _mark_shared(model: nn.Module, wrapped: list[tuple[str, nn.Module]]) -> None:
+    """Record on each dense wrapper whose base weight another module also holds (a tied LM head) who that is."""
+    holders: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(n)
+    for name, m in wrapped:
+        if isinstance(m, (LoRALinear, LoRAParam)):
+            w = m.base_layer.weight if isinstance(m, LoRALinear) else getattr(m.base_layer, m.param)
+            others = [n for n in holders.get(id(w), []) if not n.startswith(name + ".")]
+            m.tied_to = others[0] if others else None
 
 
 def _check_causal_lm(model: nn.Module) -> None:
@@ -186,9 +195,9 @@ def _check_causal_lm(model: nn.Module) -> None:
                         "expected a transformers *ForCausalLM model")
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAExperts]]:
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAExperts | LoRAParam]]:
     for name, m in model.named_modules():
-        if isinstance(m, (LoRALinear, LoRAExperts)):
+        if isinstance(m, WRAPPERS):
             yield name, m
 
 
@@ -210,9 +219,16 @@ def param_groups(model: nn.Module, lr: float, lr_b_mult: float = 1.0, weight_dec
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """The base model's forward (e.g. the reference policy for a KL term) without a second copy of the weights."""
+    """The base model's forward (e.g. the reference policy for a KL term) without a second copy of the weights.
+    Merged adapters are unmerged for the duration (bit-exact: the saved base weights come back) and merged again
+    afterwards."""
+    from regretless.lora.merge import merge_lora, unmerge_lora
+
     mods = [m for _, m in lora_modules(model)]
     before = [m.enabled for m in mods]
+    merged = [m.merged for m in mods]
+    if any(merged):
+        unmerge_lora(model)
     for m in mods:
         m.enabled = False
     try:
@@ -220,12 +236,15 @@ def adapters_disabled(model: nn.Module):
     finally:
         for m, b in zip(mods, before):
             m.enabled = b
+        if any(merged):
+            merge_lora(model, only=[m for m, was in zip(mods, merged) if was])
 
 
 @dataclass
 class LoRAReport:
     targets: list[Target]
     model_params: int
+    left: list[Left] = field(default_factory=list)
 
     @property
     def trainable(self) -> int:
@@ -233,15 +252,28 @@ class LoRAReport:
 
     def rows(self) -> list[dict]:
         out: dict[str, dict] = {}
+        seen: dict[str, set] = {}
         for t in self.targets:
             r = out.setdefault(t.group, {"group": t.group, "modules": 0, "matrices": 0, "trainable": 0,
                                          "base": 0, "ranks": set()})
-            r["modules"] += 1
+            if t.name not in seen.setdefault(t.group, set()):
+                seen[t.group].add(t.name)
+                r["modules"] += 1
             r["matrices"] += t.n_experts
             r["trainable"] += t.lora_params
             r["base"] += t.base_params
             r["ranks"].add(t.rank)
         return [dict(r, ranks=sorted(r["ranks"])) for r in out.values()]
+
+    def left_rows(self) -> list[dict]:
+        """Unadapted weights grouped by reason and by path with layer indices as `*`."""
+        out: dict[tuple[str, str], dict] = {}
+        for w in self.left:
+            key = (w.reason, layer_pattern(w.name))
+            r = out.setdefault(key, {"reason": w.reason, "pattern": key[1], "tensors": 0, "params": 0})
+            r["tensors"] += 1
+            r["params"] += w.numel
+        return sorted(out.values(), key=lambda r: (r["reason"], r["pattern"]))
 
     def table(self) -> str:
         lines = [f"{'group':<8} {'modules':>7} {'matrices':>8} {'rank':>6} {'trainable':>12} {'% of model':>10}"]
@@ -249,6 +281,16 @@ class LoRAReport:
             rank = "/".join(str(x) for x in r["ranks"])
             lines.append(f"{r['group']:<8} {r['modules']:>7} {r['matrices']:>8} {rank:>6} {r['trainable']:>12,} "
                          f"{100 * r['trainable'] / max(1, self.model_params):>9.3f}%")
-        lines.append(f"{'total':<8} {len(self.targets):>7} {sum(t.n_experts for t in self.targets):>8} {'':>6} "
+        n_mod = len({t.name for t in self.targets})
+        lines.append(f"{'total':<8} {n_mod:>7} {sum(t.n_experts for t in self.targets):>8} {'':>6} "
                      f"{self.trainable:>12,} {100 * self.trainable / max(1, self.model_params):>9.3f}%")
+        rows = self.left_rows()
+        if rows:
+            lines.append("left unadapted:")
+            for reason in dict.fromkeys(r["reason"] for r in rows):
+                group = [r for r in rows if r["reason"] == reason]
+                lines.append(f"  {REASONS[reason]}: {sum(r['params'] for r in group):,} params in "
+                             f"{sum(r['tensors'] for r in group)} tensors")
+                for r in group:
+                    lines.append(f"    {r['pattern']} ({r['tensors']} x, {r['params']:,})")
         return "\n".join(lines)

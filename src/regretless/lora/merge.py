@@ -1,0 +1,73 @@
+"""Merge W' = W + s·B·A into the base weights, unmerge (bit-exact), and unload to a plain transformers model.
+
+Shared weights are never changed behind the user's back: a base weight that another module also holds (a tied LM
+head, whose weight is the input embedding table) is untied first: the adapted module gets its own copy, merged,
+and `config.tie_word_embeddings` is set to False so that saving and reloading keeps the two apart. Unmerging ties
+the weight again. The untied module names are returned.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from regretless.lora.experts import LoRAExperts
+from regretless.lora.inject import lora_modules
+from regretless.lora.layer import LoRALinear, LoRAParam
+
+
+def _weight_attr(m: nn.Module) -> tuple[nn.Module, str]:
+    return (m.base_layer, "weight") if isinstance(m, LoRALinear) else (m.base_layer, m.param)
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, only: list[nn.Module] | None = None) -> list[str]:
+    """Merge every adapter (or those in `only`). Returns the module names whose shared weight was untied."""
+    untied = []
+    for name, m in lora_modules(model):
+        if only is not None and not any(m is o for o in only):
+            continue
+        if m.merged:
+            continue
+        if isinstance(m, (LoRALinear, LoRAParam)) and m.tied_to is not None:
+            holder, attr = _weight_attr(m)
+            shared = getattr(holder, attr)
+            setattr(holder, attr, nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad))
+            m._shared = (shared, m.tied_to)  # re-tied by unmerge
+            m.tied_to = None
+            cfg = getattr(model, "config", None)
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            if cfg is not None and getattr(cfg, "tie_word_embeddings", False) and holder is head:
+                cfg.tie_word_embeddings = False
+                m._retie_config = True
+            untied.append(name)
+        m.merge()
+    return untied
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.unmerge()
+        shared = getattr(m, "_shared", None)
+        if shared is not None:
+            holder, attr = _weight_attr(m)
+            setattr(holder, attr, shared[0])
+            m.tied_to = shared[1]
+            m._shared = None
+            if getattr(m, "_retie_config", False):
+                model.config.tie_word_embeddings = True
+                m._retie_config = False
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every LoRA wrapper by its (merged) base module: a plain transformers model again."""
+    if merge:
+        merge_lora(model)
+    else:
+        unmerge_lora(model)  # a plain base model: drop a merge done earlier
+    for name, m in list(lora_modules(model)):
+        m._backup = {} if isinstance(m, LoRAExperts) else None
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base_layer)
+    return model
