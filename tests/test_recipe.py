@@ -185,3 +185,19 @@ def test_known_configs_build_on_meta():
             model = AutoModelForCausalLM.from_config(known_config(name))
         n = sum(p.numel() for p in model.parameters())
         assert n / 1e9 == pytest.approx(billions, rel=0.01), name
+
+
+def test_rl_lora_lr_is_five_times_fullft_whatever_the_run_length():
+    from regretless.known_models import known_config
+
+    for name in ("SmolLM2-135M", "Llama-3.1-8B", "Qwen3-8B"):
+        cfg = known_config(name)
+        full, _ = recipe.default_lr(cfg, "full")
+        for steps in (None, 30, 5000):
+            lr, reason = recipe.default_lr(cfg, "lora", steps, task="rl")
+            assert lr == pytest.approx(5.0 * full, rel=1e-12) and "RL LoRA LR = 5 x" in reason
+        assert recipe.default_lr(cfg, "full", 30, task="rl")[0] == full
+    assert recipe.default_lr(known_config("SmolLM2-135M"), "lora", task="rl")[0] == pytest.approx(4.265e-4, rel=1e-3)
+    assert recipe.RL_RANK == 1
+    with pytest.raises(UserError, match="task"):
+        recipe.default_lr(known_config("Qwen3-8B"), "lora", task="pretrain")

@@ -169,3 +169,14 @@ def test_bare_recommend_uses_the_default_model_and_warns_once(capsys):
     assert out.startswith(("SmolLM2-135M", "smollm2-135m"))
     assert out.count("WARNING") == 1 and "capped at 128" in out
     assert max(len(line) for line in out.splitlines() if "WARNING" in line) < 130
+
+
+def test_rl_task_recommends_rank_1_and_the_rl_lr(capsys):
+    from regretless import recipe
+    from regretless.known_models import known_config
+
+    items = recommend(capsys, "--model", "smollm2-135m", "--task", "rl")["items"]
+    assert items["rank"]["value"] == 1
+    assert items["lora_lr"]["value"] == pytest.approx(recipe.default_lr(known_config("SmolLM2-135M"), "lora",
+                                                                        task="rl")[0], rel=1e-9)
+    assert items["lora_lr"]["value"] / items["full_lr"]["value"] == pytest.approx(5.0)

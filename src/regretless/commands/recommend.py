@@ -196,8 +196,8 @@ def recommend(args: argparse.Namespace) -> dict[str, Any]:
                                       "O(1) bits per episode")
 
     # ---- learning rates
-    full_lr, full_why = recipe.default_lr(cfg, "full", steps)
-    lora_lr, lora_why = recipe.default_lr(cfg, "lora", steps)
+    full_lr, full_why = recipe.default_lr(cfg, "full", steps, task=args.task)
+    lora_lr, lora_why = recipe.default_lr(cfg, "lora", steps, task=args.task)
     lrs = [("lora_lr", lora_lr, lora_why), ("full_lr", full_lr, full_why)]
     for key, lr, why in lrs if args.method == "lora" else lrs[::-1]:
         put(key, lr, why)
