@@ -84,8 +84,27 @@ class LoRALinear(nn.Module):
         return self.lora_B.shape[0]
 
     @property
-    def weight(self) -> torch.Tensor:  # code that reads `.weight` (e.g. tied heads, dtype probes) sees the base
-        return self.base_layer.weight
+    def weight(self) -> torch.Tensor:
+        """What model code that reads `.weight` directly gets: W + s·B·A while the adapter is active (e.g. Jamba's
+        `dt_proj.weight @ x`, or the out_proj weight the fused Mamba-2 kernel takes), so the adapter is never
+        bypassed; the base weight when disabled or merged. The forward never builds it."""
+        w = self.base_layer.weight
+        if not self.enabled or self.merged:
+            return w
+        d = self.scale * (self.lora_B.to(w.dtype) @ self.lora_A.to(w.dtype))  # (d_out, d_in)
+        return w + (d.T if self.fan_in_fan_out else d)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def __getattr__(self, name: str):  # other attributes of the wrapped layer (nx, nf, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer",) or name.startswith("lora_"):
+                raise
+            return getattr(self.base_layer, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in)
         if self.merged and not self.enabled:
