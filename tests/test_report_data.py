@@ -1,71 +1,72 @@
-"""Builders of synthetic sweeps (real run folders and ledgers) for the report tests; no tests here."""
+"""Builders of synthetic runs (real run folders and ledgers) for the report tests: arms whose truth is known
+(optimal LR, loss drop, capacity fall-off, lag) with seeded noise. No tests here."""
 
 from __future__ import annotations
 
+import json
 import math
-from pathlib import Path
 
-from test_sweep_fake_trainer import synthetic_loss, write_run
+import numpy as np
+from test_sweep_fake_trainer import write_run
 
-LRS = [10 ** (-5 + k / 2) for k in range(7)]  # 1e-5 .. 1e-2, two points per decade
-STEPS = 200
-
-
-def sft_cfg(lora_rank: int | None, lr: float, seed: int, **kw) -> dict:
-    lora = None if lora_rank is None else {"rank": lora_rank, "alpha": 32.0, "targets": kw.pop("targets", "all")}
-    return {"model": "tiny", "lora": lora, "lr": lr, "seed": seed, "batch_size": kw.pop("batch_size", 8), **kw}
+T = 120  # optimizer steps of every synthetic SFT run
+EVAL_STEPS = [0, 1, 2, 4, 8, 15, 30, 60, 120]
+BASE_LOSS = 3.0
+STEP6 = 10 ** (1 / 6)
 
 
-def _sft_run(root: Path, cfg: dict, tags: tuple, params: int = 1000, **loss_kw) -> None:
-    metrics = [{"step": s, "loss": synthetic_loss(s, cfg, **loss_kw), "lr": cfg["lr"]} for s in range(1, STEPS + 1)]
-    lora = cfg["lora"]
-    cond = "full" if lora is None else f"r{lora['rank']}-{lora['targets']}"
-    rid = f"{cond}-lr{cfg['lr']:.2e}-bs{cfg['batch_size']}-s{cfg['seed']}"
-    write_run(root, rid, "sft", cfg, metrics, tags=tags, trainable_params=params)
+def lr_grid(opt: float, n: int = 3) -> list[float]:
+    return [float(f"{opt * STEP6 ** k:.4g}") for k in range(-n, n + 1)]
 
 
-def lr_sweep(root: Path, ranks=(2, 64), seeds=(0, 1), lrs=LRS, **loss_kw) -> Path:
-    for rank in (None, *ranks):
-        for lr in lrs:
-            for seed in seeds:
-                _sft_run(root, sft_cfg(rank, lr, seed), ("capacity", "lr_ratio"), **loss_kw)
-    return root
+def noise(*key) -> float:
+    return float(np.random.default_rng(abs(hash(key)) % 2**32).standard_normal())
 
 
-def batch_sweep(root: Path, batch_gap: bool = True) -> Path:
-    for rank in (None, 64):
-        for bs in (8, 64, 512):
-            for lr in (3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3):
-                _sft_run(root, sft_cfg(rank, lr, 0, batch_size=bs), ("batch",), low_rank_falls_off=False,
-                         batch_gap=batch_gap)
-    return root
+def sft_arm(root, name: str, cfg: dict, opt_lr: float, drop: float = 1.0, sd: float = 0.002,
+            fall_off: float = 0.0, lag: float = 0.0, seeds=(0, 1), params: int = 1000, steps: int = T,
+            lrs: list[float] | None = None) -> None:
+    """An arm's runs: eval loss falls by `drop` (linear in log step), scaled down away from `opt_lr`
+    (quadratic in log10 LR); `fall_off` is a gap that opens after step 8 (a capacity limit), `lag` a constant
+    gap; seeded noise of SD `sd` per eval point."""
+    for lr in lrs or lr_grid(opt_lr):
+        d = math.log10(lr / opt_lr)
+        for seed in seeds:
+            metrics = []
+            for t in [s for s in EVAL_STEPS if s <= steps]:
+                frac = math.log1p(t) / math.log1p(steps)
+                gap = lag * frac + fall_off * max(0.0, math.log(max(t, 1) / 8) / math.log(steps / 8))
+                v = BASE_LOSS - drop * frac * (1 - 0.3 * d * d) + gap
+                if t:
+                    v += sd * noise(name, lr, seed, t)
+                metrics.append({"step": t, "eval_loss": v})
+            rid = f"{name}-{lr:.4g}-s{seed}"
+            folder = write_run(root, rid, "sft", {"model": "m", "lr": lr, "seed": seed, "steps": steps, **cfg},
+                               metrics, trainable_params=params)
+            s = json.loads((folder / "summary.json").read_text())
+            s.update(steps=steps, final_eval_loss=metrics[-1]["eval_loss"])
+            (folder / "summary.json").write_text(json.dumps(s))
 
 
-PARAMS_PER_RANK = {"attn": 100, "mlp": 200, "all": 300}
+def full(**kw) -> dict:
+    return {"lora": None, "batch_size": kw.get("batch_size", 4)}
 
 
-def placement_sweep(root: Path, attn_worse: bool = True) -> Path:
-    for targets, ranks in (("attn", (128, 256)), ("mlp", (64, 128)), ("all", (64, 128))):
-        for rank in ranks:
-            for lr in (3.16e-4, 1e-3, 3.16e-3):
-                _sft_run(root, sft_cfg(rank, lr, 0, targets=targets), ("placement",),
-                         params=rank * PARAMS_PER_RANK[targets], low_rank_falls_off=False, attn_worse=attn_worse)
-    return root
+def lora(rank: int, targets: str = "all", batch_size: int = 4) -> dict:
+    return {"lora": {"rank": rank, "targets": targets}, "batch_size": batch_size}
 
 
-def rl_sweep(root: Path, rank1_fraction: float = 1.0, learns: bool = True, seeds=(0, 1)) -> Path:
-    for rank in (None, 1, 8):
-        for lr in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
-            for seed in seeds:
-                lr_opt = 1e-5 if rank is None else 1e-4
-                width = 1.0 if rank is None else 2.0  # LoRA: a wider band of good LRs
-                factor = math.exp(-((math.log10(lr / lr_opt) / width) ** 2))
-                ceiling = rank1_fraction if rank == 1 else 1.0
-                cfg = {"model": "tiny", "lora": None if rank is None else {"rank": rank}, "lr": lr, "seed": seed,
-                       "steps": 60}
-                metrics = []
-                for s in range(1, 61):
-                    gain = 0.6 * (1 - math.exp(-s / 15)) * factor * ceiling if learns else 0.0
-                    metrics.append({"step": s, "reward": 0.2 + gain + 0.01 * seed, "lr": lr})
-                write_run(root, f"rl-{rank}-{lr:.0e}-s{seed}", "rl", cfg, metrics, tags=("rl",))
-    return root
+
+def rl_arm(root, name, rank, opt_lr, final_acc, base=0.3, sd=0.01, n_eval=400):
+    for lr in lr_grid(opt_lr):
+        d = math.log10(lr / opt_lr)
+        for seed in (0, 1):
+            acc = [base + (final_acc - base) * (1 - 0.5 * d * d) * k / 4 + (sd * noise(name, lr, seed, k) if k else 0)
+                   for k in range(5)]
+            metrics = [{"step": 5 * k, "eval_accuracy": a, **({"reward": a} if k else {})} for k, a in enumerate(acc)]
+            cfg = {"model": "m", "lora": None if rank is None else {"rank": rank}, "lr": lr, "seed": seed,
+                   "eval_size": n_eval}
+            folder = write_run(root, f"{name}-{lr:.4g}-s{seed}", "rl", cfg, metrics)
+            s = json.loads((folder / "summary.json").read_text())
+            s.update(final_eval_accuracy=acc[-1], steps=20)
+            (folder / "summary.json").write_text(json.dumps(s))

@@ -1,5 +1,6 @@
-"""`regretless reproduce`: presets expand to valid sweeps, `--only` selection, bad input, and a miniature preset
-end to end through the same code path (real trainer subprocesses, a tiny random model, a few steps)."""
+"""`regretless reproduce`: presets and their conditions, the cumulative zipped sweep spec, bad input, and a
+miniature preset end to end on a model no preset names (real trainer subprocesses, a tiny model, a few steps).
+"""
 
 from __future__ import annotations
 
@@ -7,98 +8,89 @@ import dataclasses
 import json
 
 import pytest
+from test_train_sft import chat_jsonl
 
 from regretless import reproduce as R
 from regretless.cli import main
-from regretless.config import CONFIGS, field_types
-from regretless.errors import UserError
 from regretless.sweep import expand
-from regretless.sweep.spec import FINDINGS
-
-
-def _field(cls: type, key: str) -> bool:
-    """Is the dotted `key` a real field of `cls` (through nested dataclasses)?"""
-    if key == "method":
-        return True
-    for part in key.split("."):
-        types_ = field_types(cls)
-        if part not in types_:
-            return False
-        nested = [a for a in (getattr(types_[part], "__args__", None) or (types_[part],))
-                  if dataclasses.is_dataclass(a)]
-        cls = nested[0] if nested else None
-    return True
+from regretless.sweep.spec import FINDINGS, parse_spec
 
 
 @pytest.mark.parametrize("name", sorted(R.PRESETS))
-def test_presets_expand_to_valid_sweeps(name):
-    preset = R.PRESETS[name]
-    served = {f for s in preset.sweeps for f in s["findings"]}
-    assert served == set(FINDINGS)
-    names = [s["name"] for s in preset.sweeps]
-    assert len(names) == len(set(names))
-    for spec, n in R.plan(preset):
-        cls = CONFIGS[spec.command]
-        assert all(_field(cls, k) for k in spec.axes), spec.axes
-        assert n >= 2
-        runs = expand(spec)
-        assert all(r.config.model == preset.model for r in runs)
-        methods = {"full" if r.config.lora is None else "lora" for r in runs}
-        if spec.name != "placement":
-            assert methods == {"full", "lora"}, spec.name
-        conditions = {(r.config.lora and (r.config.lora.rank, r.config.lora.targets)) for r in runs}
-        for cond in conditions:  # every condition has at least two LRs to pick the best from
-            assert len({r.config.lr for r in runs if (r.config.lora and (r.config.lora.rank, r.config.lora.targets))
-                        == cond}) >= 2, (spec.name, cond)
-
-
-def test_quick_lr_grid_covers_every_condition():
-    runs = expand(next(s for s in R.specs("quick") if s.name == "ranks_lrs"))
-    grids = {}
-    for r in runs:
-        grids.setdefault(None if r.config.lora is None else r.config.lora.rank, set()).add(r.config.lr)
-    assert set(grids) == {None, 1, 8, 64}
-    assert all(sorted(g) == R.QUICK_LRS for g in grids.values())
-    assert len(R.QUICK_LRS) >= 3 and R.QUICK_LRS[-1] / R.QUICK_LRS[0] >= 10
-
-
-def test_placement_matched_pair_is_matched():
-    """The quick preset's attention r=12 and MLP r=8 adapt exactly as many parameters on tiny-base's shape."""
-    from regretless.pretrain import SHAPE
-
-    h, i, layers = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["num_hidden_layers"]
-    kv = h * SHAPE["num_key_value_heads"] // SHAPE["num_attention_heads"]
-    attn = layers * 12 * (2 * (h + h) + 2 * (h + kv))
-    mlp = layers * 8 * 3 * (h + i)
-    assert attn == mlp
-
-
-def test_only_selects_the_sweeps_serving_those_findings():
-    assert R.parse_only(None) == FINDINGS
-    assert R.parse_only("rl, capacity") == ("capacity", "rl")
-    assert [s.name for s in R.specs("quick", "rl")] == ["rl"]
-    assert [s.name for s in R.specs("quick", "batch")] == ["ranks_lrs", "batch"]
-    assert [s.name for s in R.specs("full", ["placement", "capacity"])] == ["ranks_lrs", "placement"]
-
-
-@pytest.mark.parametrize("only", ["capacity,bogus", "lr", ",", ""])
-def test_bad_only_is_a_user_error(only):
-    with pytest.raises(UserError, match="--only"):
-        R.parse_only(only)
-
-
-def test_cli_bad_input_exits_2(tmp_path, capsys):
-    assert main(["reproduce", "--out", str(tmp_path / "o"), "--only", "capcity"]) == 2
-    assert "capcity" in capsys.readouterr().err
-    assert main(["reproduce", "--preset", "huge", "--out", str(tmp_path / "o")]) == 2
-    assert not (tmp_path / "o").exists()
-
-
-def test_cli_dry_run_lists_sweeps(tmp_path, capsys):
-    assert main(["reproduce", "--preset", "full", "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+def test_dry_run_lists_every_finding_of_the_preset(name, capsys, tmp_path):
+    assert main(["reproduce", "--preset", name, "--dry-run", "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
-    assert "ranks_lrs" in out and "rl" in out and "runs in all" in out
-    assert not (tmp_path / "o").exists()
+    for f in R.PRESETS[name].findings:
+        assert f"    {f}:" in out
+    assert "adaptive LR search" in out and not (tmp_path / "o").exists()
+
+
+def test_quick_runs_all_five_and_standard_the_three_that_fit():
+    assert R.QUICK.findings == FINDINGS
+    assert set(R.STANDARD.findings) >= {"lr_ratio", "capacity", "placement"}
+    assert R.STANDARD.model == "smollm2-135m"
+
+
+def test_conditions_share_arms_and_batch_sees_equal_examples(tiny_llama_dir):
+    conds = R.build_conditions(R.QUICK, FINDINGS, tiny_llama_dir, n_train=480, freeze=True)
+    by = {c.name: c for c in conds}
+    assert len(by) == len(conds)  # each arm once
+    assert {"full", "r1", "r8", "r64", "rl-full", "rl-r1"} <= set(by)
+    assert set(by["r8"].roles) == {"capacity", "lr_ratio", "placement"}  # all matrices at the placement rank
+    assert set(by["full"].roles) == {"capacity", "lr_ratio", "batch"}
+    assert by["full"].axes["freeze_embeddings"] is True and by["rl-full"].axes["freeze_embeddings"] is True
+    large = [c for c in conds if c.axes.get("batch_size") == R.QUICK.large_batch]
+    assert {c.method for c in large} == {"full", "lora"}
+    for c in large:
+        assert c.steps >= R.QUICK.min_large_batch_steps
+        small = by["full"] if c.method == "full" else by[f"r{max(R.QUICK.ranks)}"]
+        assert small.steps * small.axes["batch_size"] == c.steps * c.axes["batch_size"]  # equal examples seen
+
+
+def test_placement_attention_rank_is_matched(tiny_llama_dir):
+    ra, attn, mlp = R.matched_attention_rank(tiny_llama_dir, 8)
+    assert attn >= mlp and R.lora_params(tiny_llama_dir, "attn", ra - 1) < mlp
+    assert mlp == R.lora_params(tiny_llama_dir, "mlp", 8)
+
+
+def test_sweep_spec_is_exactly_the_planned_runs(tiny_llama_dir):
+    conds = R.build_conditions(R.QUICK, ("lr_ratio",), tiny_llama_dir, n_train=480, freeze=False)
+    by = {c.name: dataclasses.replace(c, start_lr=1e-3) for c in conds}
+    plan = [("full", 1e-3, 0), ("r8", 2e-3, 0), ("r8", 2e-3, 1), ("full", 1e-3, 1)]
+    spec = parse_spec(R.sweep_spec("sft", {"model": str(tiny_llama_dir), "data": "x.jsonl"}, by, plan), "t")
+    runs = expand(spec)
+    assert len(runs) == 4
+    keys = [R.run_key("sft", r.axes, by) for r in runs]
+    assert keys == plan
+    assert [r.config.lora is None for r in runs] == [True, False, False, True]
+    assert runs[1].config.lora.rank == 8 and runs[1].config.lr == 2e-3 and runs[2].config.seed == 1
+
+
+def test_scores_lower_is_better_and_failures_worst():
+    assert R.score("sft", {"final_eval_loss": 2.5}, "done") == 2.5
+    assert R.score("rl", {"final_eval_accuracy": 0.4}, "done") == -0.4
+    assert R.score("sft", None, "failed") == float("inf") and R.score("rl", {}, "diverged") == float("inf")
+    assert R.score("sft", None, "running") is None
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--preset", "nope"], "--preset 'nope'"),
+    (["--only", "capacity,speed"], "--only 'speed'"),
+    (["--workers", "0"], "--workers 0"),
+])
+def test_cli_bad_input_exits_2_before_writing(tmp_path, capsys, argv, msg):
+    out = tmp_path / "o"
+    assert main(["reproduce", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_out_naming_a_file_is_an_error(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep")
+    assert main(["reproduce", "--out", str(f), "--model", "nope"]) == 2
+    assert "is a file" in capsys.readouterr().err and f.read_text() == "keep"
 
 
 def test_materialize_data_writes_once(tmp_path):
@@ -111,43 +103,37 @@ def test_materialize_data_writes_once(tmp_path):
     assert R.materialize_data(str(path), tmp_path) == str(path)
 
 
-def mini_preset(model: str) -> R.Preset:
-    """The quick preset's shape at toy scale: same sweep names and findings, a few steps of a tiny model."""
-    sft = {"model": model, "data": "gsm-symbolic:24", "steps": 3, "batch_size": 4, "seq_len": 512, "eval_size": 4,
-           "eval_every": 100, "save_every": 100, "device": "cpu"}
-    rl = {"model": model, "env": "rg:chain_sum,max_terms=2,max_digits=1", "steps": 2, "problems_per_step": 2,
-          "group_size": 2, "max_new_tokens": 4, "train_size": 8, "eval_size": 0, "save_every": 100,
-          "device": "cpu"}
-    return R.Preset(name="mini", model=model, description="test", sweeps=(
-        {"name": "ranks_lrs", "command": "sft", "findings": ["capacity", "lr_ratio", "batch", "placement"],
-         "base": sft, "axes": {"method": ["full", "lora"], "lora.rank": [1, 4], "lr": [1e-3]},
-         "exclude": [{"method": "lora", "lora.rank": 1}]},
-        {"name": "batch", "command": "sft", "findings": ["batch"], "base": {**sft, "batch_size": 8, "steps": 2},
-         "axes": {"lora.rank": [4], "lr": [1e-3]}},
-        {"name": "placement", "command": "sft", "findings": ["placement"], "base": sft,
-         "axes": {"lora.targets": ["attn"], "lora.rank": [4], "lr": [1e-3]}},
-        {"name": "rl", "command": "rl", "findings": ["rl"], "base": rl,
-         "axes": {"method": ["full", "lora"], "lora.rank": [1], "lr": [1e-3]}},
-    ))
+MINI = R.Preset(
+    name="mini", description="test", model="tiny-base", data="chatterbot", env="rg:chain_sum",
+    sft={"steps": 3, "batch_size": 4, "seq_len": 64, "eval_size": 8, "eval_points": 3, "device": "cpu",
+         "save_every": 100, "eval_every": 100},
+    rl={}, ranks=(4,), large_batch=8, placement_rank=4, seeds=(0,), max_decades=1 / 3)
 
 
 @pytest.mark.slow
-def test_mini_preset_end_to_end(tiny_llama_dir, tmp_path, capsys):
+def test_placement_on_a_local_model_and_chat_jsonl_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """The issue's command on a model no preset names: --model FOLDER --data CHAT.jsonl --only placement."""
+    monkeypatch.setitem(R.PRESETS, "mini", MINI)
+    data = chat_jsonl(tmp_path / "chat.jsonl", n=40)
     out = tmp_path / "repro"
-    result = R.reproduce(mini_preset(str(tiny_llama_dir)), out, workers=2, quiet=True)
-    failed = [r["error"] for r in result["report"]["failed_runs"]]
-    assert all(c == {"done": n} for c, n in zip(result["sweeps"].values(), (2, 1, 1, 2))), failed
-    claims = json.loads((out / "claims.json").read_text())["claims"]
+    argv = ["reproduce", "--preset", "mini", "--model", str(tiny_llama_dir), "--data", str(data), "--only",
+            "placement", "--out", str(out), "--workers", "2", "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "4. Where to apply" in printed
+    claims = json.loads((out / "claims.json").read_text())
     assert [c["finding"] for c in claims] == list(FINDINGS)
-    assert all(c["verdict"] in ("held", "did not hold", "inconclusive") for c in claims)
-    assert (out / "report.html").read_text().count("<tr>") == 1 + len(FINDINGS)
-    assert {p.name for p in out.iterdir()} >= {"ranks_lrs", "batch", "placement", "rl", "data", "figures",
-                                               "report.html", "claims.json", "reproduce.json"}
-    assert json.loads((out / "reproduce.json").read_text())["timing"]["total_s"] > 0
-    lines = R.summary_lines(result)
-    assert len(lines) == 2 * len(FINDINGS) and lines[0].startswith("1. Capacity")
-    # resumable: a rerun starts no run (every run folder keeps its stderr.log untouched)
-    logs = {p: p.stat().st_mtime_ns for p in out.glob("*/runs/*/stderr.log")}
-    again = R.reproduce(mini_preset(str(tiny_llama_dir)), out, workers=2, quiet=True, only="rl")
-    assert list(again["sweeps"]) == ["rl"]
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*/runs/*/stderr.log")} == logs
+    placement = claims[3]
+    assert placement["verdict"] in ("held", "did not hold", "inconclusive") and placement["runs"] >= 9
+    ctx = json.loads((out / "reproduce.json").read_text())
+    assert ctx["model"]["path"] == str(tiny_llama_dir) and ctx["data"] == str(data)
+    assert {c["name"] for c in ctx["conditions"]} == {"mlp-r4", "attn-r%d" % R.matched_attention_rank(
+        tiny_llama_dir, 4)[0], "r4"}
+    assert all(c["search"] in ("done", "capped") for c in ctx["conditions"])
+    assert all(c["runs"] >= 3 for c in ctx["conditions"])  # 3 points a decade around each start, at least
+    html = (out / "report.html").read_text()
+    assert "Where to apply" in html and str(tiny_llama_dir) in html
+    # a rerun replays the same search and starts no run
+    logs = {p: p.stat().st_mtime_ns for p in out.glob("sft/runs/*/stderr.log")}
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("sft/runs/*/stderr.log")} == logs

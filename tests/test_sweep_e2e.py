@@ -31,5 +31,5 @@ def test_real_sft_sweep_then_report(tiny_llama_dir, tmp_path):
     assert {r["id"]: (out / r["path"] / "stderr.log").stat().st_mtime_ns for r in again.runs} == mtimes
     report = write_report(out)
     figs = {f["name"]: f["files"] for f in report["figures"]}
-    assert figs["loss_curves"] and figs["lr_curves"]
+    assert figs["capacity"] and figs["lr_curves"]
     assert {c["finding"]: c["verdict"] for c in report["claims"]}["batch"] == "inconclusive"

@@ -19,10 +19,10 @@ from regretless import assets
 
 def prepare_model(name: str, quiet: bool = False) -> Path:
     """The folder of the built-in model `name`, built (tiny-base: pretrained) or converted once if needed."""
-    if name == "tiny-base" and not assets.is_prepared(name):
+    if name == "tiny-base":
         from regretless import pretrain
 
-        return pretrain.prepare(assets.model_dir(name), quiet)
+        return pretrain.prepare(assets.model_dir(name), quiet)  # rebuilds an older version's build
     return assets.prepare(name, quiet)
 
 
@@ -36,5 +36,5 @@ def resolve_or_build(name: str, quiet: bool = False) -> Path:
 
 def ensure_model(name: str, quiet: bool = False) -> None:
     """Build `name` first when it is a built-in that the model loader cannot prepare by itself."""
-    if name in assets.BUILT_BY_TRAINING and not assets.is_prepared(name):
+    if name in assets.BUILT_BY_TRAINING:
         prepare_model(name, quiet)

@@ -2,14 +2,15 @@
 
 Why: `regretless reproduce --preset quick` must run dozens of real fine-tuning runs on 2 CPU cores in 15
 minutes, and SmolLM2-135M takes 1-2 s per optimizer step there. A 1.1M-parameter Llama (hidden 128, 4 layers,
-vocab 2048) trained here for ~150 steps is a real, if tiny, pretrained base: it has learned the ChatML format,
+vocab 2048) trained here for 400 steps is a real, if tiny, pretrained base: it has learned the ChatML format,
 chit-chat, the "#### <answer>" convention and some one-digit arithmetic, and has seen a little GSM-style text.
 
 `build(out)` does, deterministically for a seed:
 1. corpus (`corpus`): every chatterbot-corpus dialog; `CHAIN_SUM_PROBLEMS` reasoning-gym `chain_sum` problems
-   with 2 (70%) or 3 one-digit terms in the exact chat format of the RL environment (`regretless.rl.envs`: its
+   with 2 (20%) or 3 (80%) one-digit terms in the exact chat format of the RL environment (`regretless.rl.envs`: its
    system instruction, the question, "#### <answer>" as the assistant turn), so `rg:chain_sum` scores above
-   zero from the start; and `GSM_PROBLEMS` GSM-style problems with worked solutions. All from seeds
+   zero from the start (3-term sums: about 20% greedy accuracy, the quick preset's RL task); and
+   `GSM_PROBLEMS` GSM-style problems with worked solutions. All from seeds
    >= `CORPUS_SEED`, disjoint from the fine-tuning and RL seeds (0, 1, ...). The GSM part is small on purpose:
    without it the base has never produced the domain's tokens and FullFT wins mostly by training their
    embeddings (which LoRA never touches); with much more of it the fine-tuning set has little left to teach.
@@ -43,12 +44,13 @@ from regretless.errors import UserError
 VOCAB = 2048
 SHAPE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 4, "max_position_embeddings": 1024, "tie_word_embeddings": True}
-STEPS = 150  # ~1-2 minutes on 2 CPU cores
+STEPS = 400  # ~2-3 minutes on 2 CPU cores
 BATCH, SEQ_LEN, LR, WARMUP = 32, 128, 3e-3, 15
 THREADS = 1  # torch threads: 2 OpenMP threads ran this small model ~15x slower on 2 cores shared with others
 CORPUS_SEED = 10_000
-CHAIN_SUM_PROBLEMS = 3500
+CHAIN_SUM_PROBLEMS = 9000
 GSM_PROBLEMS = 400
+VERSION = 2  # 2: more and mostly 3-term sums, 400 steps (the quick RL task starts at ~20% greedy accuracy)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -71,7 +73,7 @@ def corpus(seed: int = CORPUS_SEED, chain_sum: int | None = None, gsm: int | Non
     chain_sum = CHAIN_SUM_PROBLEMS if chain_sum is None else chain_sum
     gsm = GSM_PROBLEMS if gsm is None else gsm
     examples = [{"messages": ex["messages"]} for ex in chatterbot()]
-    for k, (terms, share) in enumerate(((2, 0.7), (3, 0.3))):  # mostly the 200 two-term sums: learnable here
+    for k, (terms, share) in enumerate(((2, 0.2), (3, 0.8))):  # mostly three terms: the RL task
         ds = reasoning_gym.create_dataset("chain_sum", size=max(1, round(chain_sum * share)), seed=seed + k,
                                           min_terms=terms, max_terms=terms, min_digits=1, max_digits=1)
         examples += [{"messages": [{"role": "system", "content": INSTRUCTION},
@@ -164,7 +166,7 @@ def _build(out: Path, steps: int, seed: int, quiet: bool, chain_sum: int | None,
         evals = [r["eval_loss"] for r in evals if "eval_loss" in r]
         final = tmp / "final"
         shutil.copytree(tmp / "run" / "model", final)
-        record = {"name": "tiny-base", "steps": steps, "seed": seed, "params": n_params, "vocab": len(tok),
+        record = {"name": "tiny-base", "version": VERSION, "steps": steps, "seed": seed, "params": n_params, "vocab": len(tok),
                   "shape": shape, "examples": len(examples), "first_eval_loss": evals[0],
                   "final_eval_loss": evals[-1], "final_train_loss": summary["final_loss"],
                   "tokens_trained": summary["tokens"], "wall_s": round(time.time() - t0, 1)}
@@ -179,16 +181,24 @@ def _build(out: Path, steps: int, seed: int, quiet: bool, chain_sum: int | None,
     return out
 
 
+def is_current(out: Path) -> bool:
+    """Built, and by this VERSION of the recipe (an older tiny-base in the cache is rebuilt)."""
+    try:
+        return json.loads((out / ".complete").read_text()).get("version") == VERSION
+    except (OSError, ValueError):
+        return False
+
+
 def prepare(out: Path, quiet: bool = False) -> Path:
-    """`out` if built, else build it once (a lock file serialises concurrent callers)."""
-    if (out / ".complete").is_file():
+    """`out` if built by this version, else build it once (a lock file serialises concurrent callers)."""
+    if is_current(out):
         return out
     _check_packages()
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / ".complete").is_file():
-            _say("building the built-in model tiny-base (first use, ~1-2 minutes)", quiet)
+        if not is_current(out):
+            _say("building the built-in model tiny-base (first use, ~2-3 minutes)", quiet)
             build(out, quiet=quiet)
     return out
 

@@ -1,9 +1,17 @@
-"""Reproduce the paper's five findings: run their sweeps, write report.html and claims.json, print the verdicts.
+"""Reproduce the paper's five findings as a fair test: every condition gets its own adaptive LR search, the
+decisive runs are repeated with several seeds, and each finding's verdict comes from an effect with a 95%
+interval: held, did not hold, or inconclusive.
 
-Example: regretless reproduce --preset quick --out runs/quick           (2 CPU cores, <= 15 minutes)
-         regretless reproduce --preset full --out runs/full --only lr_ratio,rl --dry-run
-Presets (regretless.reproduce.PRESETS): quick = tiny-base, a 1M-parameter model regretless pretrains itself
-in a minute or two; full = SmolLM2-135M with paper-like budgets. Rerunning skips finished runs.
+Examples:
+  regretless reproduce --preset quick --out runs/quick
+      tiny-base (pretrained here in a minute), all five findings, 2 CPU cores, <= 15 minutes
+  regretless reproduce --preset standard --out runs/standard
+      SmolLM2-135M: capacity, LR ratio, placement; 2 CPU cores, <= 2 hours
+  regretless reproduce --model ./my-model --data chats.jsonl --only placement --out runs/mine
+      your own model (folder, GGUF or built-in) and SFT data
+  regretless reproduce --preset full --dry-run --out runs/full
+      what the GPU preset would run
+Rerunning with the same --out skips finished runs and replays the same search.
 """
 
 from __future__ import annotations
@@ -14,12 +22,18 @@ from regretless.sweep.spec import FINDINGS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="quick", help="quick (default) | full")
-    p.add_argument("--out", required=True, help="output folder: one sweep folder per finding group, the report")
-    p.add_argument("--only", help=f"comma-separated findings to run: {','.join(FINDINGS)} (default: all)")
+    p.add_argument("--preset", default="quick", help="quick (default) | standard | full")
+    p.add_argument("--model", help="the model to test (a folder, a .gguf file or a built-in name); default: the "
+                                   "preset's")
+    p.add_argument("--data", help="SFT data (chat or prompt/completion JSONL, a datasets folder, a built-in "
+                                  "name); default: the preset's")
+    p.add_argument("--env", help="RL environment (e.g. rg:chain_sum,max_terms=2 or a JSONL file); default: the "
+                                 "preset's")
+    p.add_argument("--out", required=True, help="output folder: the sweeps, the report and claims.json")
+    p.add_argument("--only", help=f"comma-separated findings to run: {','.join(FINDINGS)} (default: the preset's)")
     p.add_argument("--workers", type=int, default=None,
                    help="concurrent runs (default: one per GPU, else one per CPU core)")
-    p.add_argument("--dry-run", action="store_true", help="list the sweeps and their runs; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the conditions and the search; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -27,23 +41,16 @@ def run(args: argparse.Namespace) -> int:
     from regretless import reproduce as R
 
     preset = R.get_preset(args.preset)
-    only = R.parse_only(args.only)
     if args.dry_run:
-        total = 0
-        print(f"preset {preset.name}: {preset.description}")
-        for spec, n in R.plan(preset, only):
-            total += n
-            print(f"  {args.out}/{spec.name}: {n} {spec.command} runs ({', '.join(spec.findings)})")
-        print(f"{total} runs in all")
+        for line in R.dry_run(preset, model=args.model, only=args.only):
+            print(line)
         return 0
-    result = R.reproduce(preset, args.out, only=only, workers=args.workers, quiet=args.quiet)
-    counts: dict[str, int] = {}
-    for c in result["sweeps"].values():
-        for k, v in c.items():
-            counts[k] = counts.get(k, 0) + v
-    print(f"regretless reproduce --preset {preset.name}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-          + f" runs in {result['timing']['total_s']:.0f} s")
-    for line in R.summary_lines(result, only):
+    result = R.reproduce(preset, args.out, model=args.model, data=args.data, env=args.env, only=args.only,
+                         workers=args.workers, quiet=args.quiet)
+    ctx = result["context"]
+    print(f"{ctx['runs']} runs in {ctx['rounds']} rounds, {ctx['wall_s'] / 60:.1f} min")
+    for line in R.summary_lines(result, R.parse_only(args.only, preset.findings)):
         print(line)
     print(f"wrote {args.out}/report.html and {args.out}/claims.json")
-    return 1 if counts.get("failed") else 0
+    failed = result["report"]["runs"].get("failed", 0)
+    return 1 if failed else 0

@@ -1,18 +1,22 @@
-"""The paper's five findings as numeric checks on measured runs: held / did not hold / inconclusive.
+"""The paper's five findings as effects with 95% intervals, and a verdict from each (regretless.stats.verdict):
+`held` when the interval lies inside the paper's claim, `did not hold` when it lies wholly outside,
+`inconclusive` when it straddles the edge, or when the runs cannot decide (an optimum not bracketed, a
+baseline that learned nothing, runs missing). Every arm is compared at its own best LR.
 
-Criteria (constants below; each claim's `criterion` field repeats them in words):
-1. capacity: with L_c(t) the pointwise-min loss curve of condition c and D = L_full(first) - L_full(last) the
-   FullFT loss drop, gap_c(t) = (L_c(t) - L_full(t)) / D. Held when the highest rank ends within 10% of D
-   (gap <= 0.10), the lowest rank ends >= 0.10 behind and its gap grew by >= 0.05 since 10% of training.
-2. lr_ratio: optimal LoRA LR (geometric mean over ranks >= 4, else all ranks) / optimal FullFT LR in [5, 20].
-   Inconclusive when an optimum sits at the edge of its LR grid.
-3. batch: relative gap (L_lora - L_full) / L_full of the best-LR final losses (highest rank) is <= 0.02 at
-   the smallest batch and grows by >= 0.01 (and by more than 2 seed std where seeds exist) at the largest.
-4. placement: MLP-only beats attention-only at every common rank and at the closest pair where attention
-   has at least as many trainable parameters; all-matrices is within 1% of MLP-only or better.
-5. rl: best rank-1 (lowest rank) final reward >= 0.9 x best FullFT final reward, or within 2 seed std.
-   Inconclusive when FullFT's reward did not rise by at least 0.02 over training.
-A claim whose runs are absent (or none finished) is inconclusive, never an error.
+Claims (D = the FullFT arm's eval-loss drop from the base model to its best final value):
+1. capacity: (a) the highest rank tracks FullFT: final gap (L_hi - L_full)/D in (-inf, CAP_TRACK];
+   (b) the lowest rank falls off as training goes on: its gap grows from the first eval point past
+   CAP_EARLY of training to the end, growth in (0, inf). Curves are the pointwise minimum over LRs.
+2. lr_ratio: optimal LoRA LR / optimal FullFT LR (geometric mean over ranks >= LR_RATIO_MIN_RANK) in
+   [m/2, 2m], m the paper's multiplier for this run length (10, rising to ~15 for short runs).
+3. batch: at equal examples seen, LoRA's gap to FullFT grows from the small to the large batch:
+   ((L_lora - L_full)_large - (L_lora - L_full)_small)/D in (0, inf).
+4. placement: attention-only LoRA with at least as many parameters as MLP-only is worse:
+   (L_attn - L_mlp)/D_mlp in (0, inf), D_mlp the MLP arm's drop. (All matrices vs MLP-only is reported.)
+5. rl: rank-1 LoRA's final held-out accuracy minus FullFT's, in [-RL_MARGIN, inf); needs FullFT to have
+   improved on the base model (interval above 0), else inconclusive.
+Noise: the seed SD pooled over every (arm, LR) run with 2+ seeds, t interval; RL adds the binomial variance
+of an accuracy measured on the eval set.
 """
 
 from __future__ import annotations
@@ -22,15 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from regretless import stats as S
 from regretless.report import analysis as A
-from regretless.report.analysis import RunRecord
 
-HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive"
-CAP_HIGH_MAX_GAP, CAP_LOW_MIN_GAP, CAP_MIN_GROWTH, CAP_EARLY_FRACTION = 0.10, 0.10, 0.05, 0.10
-LR_RATIO_RANGE, LR_RATIO_MIN_RANK = (5.0, 20.0), 4
-BATCH_SMALL_MAX_GAP, BATCH_MIN_GROWTH = 0.02, 0.01
-PLACEMENT_ALL_TOL = 0.01
-RL_FRACTION, RL_MIN_LEARNING = 0.9, 0.02
+HELD, NOT_HELD, INCONCLUSIVE = S.HELD, S.NOT_HELD, S.INCONCLUSIVE
+CAP_TRACK, CAP_EARLY = 0.10, 0.10
+LR_RATIO_MIN_RANK = 4
+RL_MARGIN = 0.10  # accuracy points; with 200 eval problems the binomial interval alone is about +-0.1
 
 PAPER = {
     "capacity": "FullFT and high-rank LoRA track each other; low ranks fall off the curve as training goes on.",
@@ -39,205 +41,283 @@ PAPER = {
     "placement": "Attention-only LoRA is worse than MLP-only, even at matched parameter count; all ~ MLP-only.",
     "rl": "In RL, even rank-1 LoRA matches FullFT.",
 }
-CRITERIA = {
-    "capacity": f"highest rank's final gap <= {CAP_HIGH_MAX_GAP:.0%} of FullFT's loss drop; lowest rank's final "
-                f"gap >= {CAP_LOW_MIN_GAP:.0%} and grown by >= {CAP_MIN_GROWTH:.0%} since {CAP_EARLY_FRACTION:.0%} "
-                "of training",
-    "lr_ratio": f"LoRA/FullFT optimal-LR ratio in [{LR_RATIO_RANGE[0]:g}, {LR_RATIO_RANGE[1]:g}], optima "
-                "inside their LR grids",
-    "batch": f"relative LoRA-FullFT gap <= {BATCH_SMALL_MAX_GAP:.0%} at the smallest batch and larger by "
-             f">= {BATCH_MIN_GROWTH:.0%} (and > 2 seed std) at the largest",
-    "placement": f"MLP-only < attention-only (every common rank, and at matched params); all <= MLP-only "
-                 f"+ {PLACEMENT_ALL_TOL:.0%}",
-    "rl": f"best lowest-rank reward >= {RL_FRACTION} x best FullFT reward, or within 2 seed std; FullFT reward "
-          f"must rise >= {RL_MIN_LEARNING}",
-}
 TITLES = {"capacity": "1. Capacity", "lr_ratio": "2. LR ratio", "batch": "3. Batch size",
           "placement": "4. Where to apply", "rl": "5. RL"}
 
 
-def _claim(finding: str, verdict: str, measured: str, reason: str, value: float | None = None,
-           details: dict | None = None) -> dict[str, Any]:
-    return {"finding": finding, "title": TITLES[finding], "paper": PAPER[finding], "criterion": CRITERIA[finding],
-            "verdict": verdict, "measured": measured, "value": value, "reason": reason, "details": details or {}}
+def _claim(finding: str, verdict: str, effect: float | None, interval: list[float] | None, reason: str,
+           measured: str, arms: list[A.Arm], **extra: Any) -> dict[str, Any]:
+    runs = [r for a in arms for r in a.runs if r.finished]
+    seeds = max((len(a.at_lr(lr)) for a in arms for lr in a.scores()), default=0)
+    return {"finding": finding, "title": TITLES[finding], "paper": PAPER[finding], "verdict": verdict,
+            "effect": effect, "interval": interval, "runs": len(runs), "seeds": seeds, "reason": reason,
+            "measured": measured, **extra}
 
 
-def _missing(finding: str, recs: list[RunRecord], need: str) -> dict[str, Any] | None:
-    if not recs:
-        return _claim(finding, INCONCLUSIVE, "-", f"no runs ({need})")
-    if not any(r.status == "done" for r in recs):
-        failed = sum(r.status == "failed" for r in recs)
-        return _claim(finding, INCONCLUSIVE, "-", f"no finished runs ({len(recs)} runs, {failed} failed)")
-    return None
+def _none(finding: str, reason: str, arms: list[A.Arm] | None = None) -> dict[str, Any]:
+    return _claim(finding, INCONCLUSIVE, None, None, reason, "-", arms or [])
 
 
-def smooth_window(recs: list[RunRecord]) -> int:
-    n = max((len(r.metrics) for r in recs), default=1)
-    return max(1, n // 20)
+def _fmt_iv(iv: S.Interval, pct: bool = False) -> str:
+    f = (lambda x: f"{x:+.1%}") if pct else (lambda x: f"{x:.3g}")
+    return f"{f(iv.value)} [{f(iv.low)}, {f(iv.high)}]"
 
 
-def capacity(records: list[RunRecord]) -> dict[str, Any]:
-    recs = A.select(records, "capacity", "sft")
-    if (m := _missing("capacity", recs, "needs an SFT sweep over ranks and FullFT")) is not None:
-        return m
-    curves = A.pointwise_min([r for r in recs if r.status == "done"], "loss", smooth=smooth_window(recs))
-    ranks = sorted(int(c[1:]) for c in curves if c != "full")
-    if "full" not in curves or len(ranks) < 2:
-        return _claim("capacity", INCONCLUSIVE, "-", "needs finished FullFT runs and at least two LoRA ranks")
+def optimum(arm: A.Arm, sd: float) -> S.LrOptimum | None:
+    obs = arm.scores()
+    return S.lr_optimum(obs, maximize=arm.maximize, noise_sd=sd) if obs else None
+
+
+def best(arm: A.Arm) -> tuple[float, float, int] | None:
+    """(best LR, seed-mean score there, seeds there) by the arm's own U-curve."""
+    obs = {lr: v for lr, v in arm.scores().items()}
+    if not obs:
+        return None
+    sign = -1 if arm.maximize else 1
+    lr, _, _ = S.best_and_neighbours({k: [sign * x for x in v] for k, v in obs.items()})
+    vals = obs[lr]
+    return lr, float(np.mean(vals)), len(vals)
+
+
+def base_loss(arm: A.Arm) -> float:
+    """The base model's eval loss (step 0 of any run of the arm)."""
+    for r in arm.runs:
+        s, v = r.series("eval_loss")
+        if len(s) and s[0] == 0:
+            return float(v[0])
+    return math.nan
+
+
+def _unbracketed(opts: dict[str, S.LrOptimum | None]) -> list[str]:
+    return [k for k, o in opts.items() if o is None or not o.bracketed]
+
+
+def predicted_lrs(records: list[A.RunRecord]) -> dict[str, float]:
+    """The recipe's LRs for the runs' model (FullFT, and LoRA for the runs' length)."""
+    from transformers import AutoConfig
+
+    from regretless.recipe import default_lr
+
+    r = next((r for r in records if r.command == "sft"), None)
+    if r is None:
+        return {}
+    try:
+        mc = AutoConfig.from_pretrained(r.config["model"])
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {"full": default_lr(mc, "full", r.steps)[0], "lora": default_lr(mc, "lora", r.steps)[0]}
+
+
+# ---- the five claims -------------------------------------------------------------------------------------
+def lr_ratio(all_arms: dict[str, A.Arm], records: list[A.RunRecord]) -> dict[str, Any]:
+    arms = A.base_arms(all_arms)
+    if "full" not in arms or len(arms) < 2:
+        return _none("lr_ratio", "needs LR searches of FullFT and at least one LoRA rank", list(arms.values()))
+    sd, _ = A.pooled_seed_sd(all_arms.values())
+    opts = {k: optimum(a, sd) for k, a in arms.items()}
+    lora = {k: o for k, o in opts.items() if k != "full" and o is not None}
+    use = {k: o for k, o in lora.items() if A.rank_of(k) >= LR_RATIO_MIN_RANK} or lora
+    from regretless.recipe import lora_lr_multiplier
+
+    steps = arms["full"].steps
+    m = lora_lr_multiplier(steps)
+    region = (m / 2, 2 * m)
+    per_rank = {k: S.ratio_interval(o, opts["full"]) for k, o in lora.items()} if opts["full"] else {}
+    extra = {"optimal_lr": {k: {"lr": o.lr, "interval": [o.low, o.high], "bracketed": o.bracketed,
+                                "best_tried_lr": o.best_lr, "lrs_tried": o.n_lrs}
+                            for k, o in opts.items() if o is not None},
+             "ratio_by_rank": {k: {"ratio": iv.value, "interval": iv.as_list()} for k, iv in per_rank.items()},
+             "predicted": {"multiplier": m, **predicted_lrs(records)}, "claim_region": list(region)}
+    bad = _unbracketed({"full": opts["full"], **use})
+    if bad:
+        return _claim("lr_ratio", INCONCLUSIVE, None, None, f"optimum not bracketed for {', '.join(bad)} (the "
+                      "search reached its cap or ran too few LRs)", "-", list(arms.values()), **extra)
+    iv = S.ratio_interval(list(use.values()), opts["full"])
+    v = S.verdict(iv.as_list(), region)
+    ranks = ", ".join(sorted(use, key=A.rank_of))
+    measured = (f"LoRA/FullFT optimal-LR ratio {_fmt_iv(iv)} ({ranks}); FullFT optimum "
+                f"{opts['full'].lr:.3g} [{opts['full'].low:.3g}, {opts['full'].high:.3g}]")
+    why = {HELD: f"the 95% interval lies inside [{region[0]:g}, {region[1]:g}] (paper: {m:.3g}x for {steps} steps)",
+           NOT_HELD: f"the 95% interval lies outside [{region[0]:g}, {region[1]:g}] (paper: {m:.3g}x)",
+           INCONCLUSIVE: f"the 95% interval straddles the edge of [{region[0]:g}, {region[1]:g}]"}[v]
+    return _claim("lr_ratio", v, iv.value, iv.as_list(), why, measured, list(arms.values()), ratio=iv.value,
+                  ratio_interval=iv.as_list(), **extra)
+
+
+def capacity(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
+    arms = A.base_arms(all_arms)
+    ranks = sorted((k for k in arms if k != "full"), key=A.rank_of)
+    if "full" not in arms or len(ranks) < 2:
+        return _none("capacity", "needs FullFT and at least two LoRA ranks", list(arms.values()))
+    curves = {k: A.pointwise_min(arms[k]) for k in ["full", *ranks]}
     full = curves["full"]
-    drop = float(full.mean[0] - full.mean[-1])
+    if len(full["steps"]) < 3:
+        return _none("capacity", "needs eval-loss curves (eval_points) with at least 3 points", list(arms.values()))
+    drop = base_loss(arms["full"]) - float(full["value"][-1])
     if not drop > 0:
-        return _claim("capacity", INCONCLUSIVE, f"FullFT loss drop {drop:.3g}", "FullFT loss did not fall")
-    early = int(np.searchsorted(full.steps, full.steps[0] + CAP_EARLY_FRACTION * (full.steps[-1] - full.steps[0])))
-
-    def gaps(rank: int) -> tuple[float, float]:
-        c = curves[f"r{rank}"]
-        g = (np.interp(full.steps, c.steps, c.mean) - full.mean) / drop
-        return float(g[early]), float(g[-1])
-
+        return _none("capacity", "FullFT's eval loss did not fall", list(arms.values()))
+    steps = full["steps"]
+    last = int(steps[-1])
+    early_i = int(np.searchsorted(steps, CAP_EARLY * last))
+    early_i = min(max(early_i, 1), len(steps) - 2)
+    sd_t, df_t = A.pooled_seed_sd(arms.values(), "eval_loss", len(steps) - 1)
+    sd_e, df_e = A.pooled_seed_sd(arms.values(), "eval_loss", early_i)
     hi, lo = ranks[-1], ranks[0]
-    (_, g_hi), (g_lo0, g_lo) = gaps(hi), gaps(lo)
-    measured = (f"final gap (fraction of FullFT's loss drop {drop:.3g}): r={hi} {g_hi:+.1%}; r={lo} "
-                f"{g_lo0:+.1%} at 10% of training -> {g_lo:+.1%} at the end")
-    details = {f"r{r}": dict(zip(("early_gap", "final_gap"), gaps(r))) for r in ranks}
-    problems = []
-    if g_hi > CAP_HIGH_MAX_GAP:
-        problems.append(f"r={hi} ends {g_hi:.1%} behind FullFT (> {CAP_HIGH_MAX_GAP:.0%})")
-    if g_lo < CAP_LOW_MIN_GAP:
-        problems.append(f"r={lo} ends only {g_lo:.1%} behind (< {CAP_LOW_MIN_GAP:.0%}): no capacity limit seen")
-    elif g_lo - g_lo0 < CAP_MIN_GROWTH:
-        problems.append(f"r={lo}'s gap did not grow over training ({g_lo0:.1%} -> {g_lo:.1%})")
-    if problems:
-        return _claim("capacity", NOT_HELD, measured, "; ".join(problems), g_lo, details)
-    return _claim("capacity", HELD, measured, f"r={hi} tracks FullFT; r={lo} falls off as training goes on",
-                  g_lo, details)
+
+    def at(k: str, i: int) -> tuple[float, int]:
+        c = curves[k]
+        j = list(c["steps"]).index(steps[i]) if steps[i] in c["steps"] else None
+        return (float(c["value"][j]), int(c["n"][j])) if j is not None else (math.nan, 1)
+
+    (l_hi, n_hi), (l_f, n_f) = at(hi, -1), at("full", -1)
+    track = S.diff_interval([(1, l_hi, n_hi), (-1, l_f, n_f)], sd_t, df_t)
+    track = S.Interval(track.value / drop, track.low / drop, track.high / drop)
+    (l_lo_e, n_lo_e), (l_f_e, n_f_e) = at(lo, early_i), at("full", early_i)
+    (l_lo, n_lo) = at(lo, -1)
+    growth_raw = (l_lo - l_f) - (l_lo_e - l_f_e)
+    sd_g = math.hypot(sd_t, sd_e) if math.isfinite(sd_t) and math.isfinite(sd_e) else math.nan
+    g = S.diff_interval([(1, growth_raw, 1)], sd_g * math.sqrt(1 / min(n_lo, n_lo_e) + 1 / min(n_f, n_f_e))
+                        if math.isfinite(sd_g) else math.nan, min(df_t, df_e))
+    growth = S.Interval(g.value / drop, g.low / drop, g.high / drop)
+    v_track = S.verdict(track.as_list(), (-math.inf, CAP_TRACK))
+    v_fall = S.verdict(growth.as_list(), (0.0, math.inf))
+    v = S.combine([v_track, v_fall])
+    gaps = {k: {"steps": steps.tolist(), "gap": [float((at(k, i)[0] - at("full", i)[0]) / drop)
+                                                  for i in range(len(steps))]} for k in ranks}
+    measured = (f"r={A.rank_of(hi)} final gap to FullFT {_fmt_iv(track, True)} of FullFT's drop {drop:.3g}; "
+                f"r={A.rank_of(lo)} gap grew by {_fmt_iv(growth, True)} from step {int(steps[early_i])} to {last}")
+    parts = [f"high rank tracks FullFT: {v_track}", f"low rank falls off: {v_fall}"]
+    return _claim("capacity", v, growth.value, growth.as_list(), "; ".join(parts), measured, list(arms.values()),
+                  parts={"high_rank_gap": {"effect": track.value, "interval": track.as_list(),
+                                           "region": [-math.inf, CAP_TRACK], "verdict": v_track},
+                         "low_rank_gap_growth": {"effect": growth.value, "interval": growth.as_list(),
+                                                 "region": [0.0, math.inf], "verdict": v_fall}},
+                  gaps=gaps, fullft_drop=drop)
 
 
-def lr_ratio(records: list[RunRecord]) -> dict[str, Any]:
-    recs = A.select(records, "lr_ratio", "sft")
-    if (m := _missing("lr_ratio", recs, "needs an SFT LR sweep of LoRA and FullFT")) is not None:
-        return m
-    rows = A.final_vs_lr(recs, A.pick_metric(recs, "sft"))
-    opt = A.optimal_lrs(rows)
-    lora = {c: o for c, o in opt.items() if c != "full"}
-    if "full" not in opt or not lora:
-        return _claim("lr_ratio", INCONCLUSIVE, "-", "needs finished LR sweeps of both FullFT and LoRA")
-    cands = {c: o for c, o in lora.items() if int(c[1:]) >= LR_RATIO_MIN_RANK} or lora
-    inside = {c: o for c, o in cands.items() if not o.at_edge}
-    steps = max((int((r.summary or {}).get("steps") or 0) for r in recs), default=0)
-    per_rank = ", ".join(f"{A.condition_label(c)} {o.lr:.2e}" + (" (edge)" if o.at_edge else "")
-                         for c, o in sorted(opt.items(), key=lambda kv: A.condition_order(kv[0])))
-    details = {"optimal_lr": {c: o.lr for c, o in opt.items()},
-               "at_edge": [c for c, o in opt.items() if o.at_edge], "steps": steps}
-    if opt["full"].at_edge or not inside:
-        edge = [A.condition_label(c) for c, o in opt.items() if o.at_edge and (c == "full" or c in cands)]
-        return _claim("lr_ratio", INCONCLUSIVE, f"optimal LRs: {per_rank}",
-                      f"optimum at the edge of the LR grid for {', '.join(edge)}: widen the grid", None, details)
-    ratio = float(np.exp(np.mean([np.log(o.lr) for o in inside.values()])) / opt["full"].lr)
-    details["ratio"] = ratio
-    measured = f"ratio {ratio:.1f} (optimal LRs: {per_rank}; {steps} steps)"
-    lo, hi = LR_RATIO_RANGE
-    note = " (the paper expects ~15x for runs of <= 100 steps)" if 0 < steps <= 100 else ""
-    if lo <= ratio <= hi:
-        return _claim("lr_ratio", HELD, measured, f"{ratio:.1f} is in [{lo:g}, {hi:g}]{note}", ratio, details)
-    return _claim("lr_ratio", NOT_HELD, measured, f"{ratio:.1f} is outside [{lo:g}, {hi:g}]{note}", ratio, details)
+def batch(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
+    sft = [a for a in all_arms.values() if a.command == "sft" and a.targets in ("all", "full")]
+    top = max((a.rank for a in sft if a.rank is not None), default=None)
+    by_n: dict[int, dict[tuple[str, int], A.Arm]] = {}
+    for a in sft:
+        if a.examples and (a.method == "full" or a.rank == top):
+            by_n.setdefault(a.examples, {})[(a.method, a.batch_size)] = a
+    pick = None
+    for n, d in sorted(by_n.items()):
+        sizes = sorted(b for (m, b) in d if m == "lora" and ("full", b) in d)
+        if len(sizes) >= 2:
+            pick = (n, d, sizes[0], sizes[-1])
+    if pick is None:
+        return _none("batch", "needs FullFT and LoRA at two batch sizes with equal examples seen")
+    n, d, small, large = pick
+    used = [d[("full", small)], d[("lora", small)], d[("full", large)], d[("lora", large)]]
+    bests = [best(a) for a in used]
+    if any(b is None for b in bests):
+        return _none("batch", "an arm of the batch comparison has no finished runs", used)
+    sd, df = A.pooled_seed_sd(all_arms.values())
+    opts = {a.name: optimum(a, sd) for a in used}
+    drop = base_loss(used[0]) - bests[0][1]
+    (_, fs, nfs), (_, ls, nls), (_, fl, nfl), (_, ll, nll) = bests
+    iv = S.diff_interval([(1, ll, nll), (-1, fl, nfl), (-1, ls, nls), (1, fs, nfs)], sd, df)
+    iv = S.Interval(iv.value / drop, iv.low / drop, iv.high / drop)
+    v = S.verdict(iv.as_list(), (0.0, math.inf))
+    bad = _unbracketed(opts)
+    reason = {HELD: f"LoRA falls further behind FullFT at batch {large} than at {small}",
+              NOT_HELD: f"LoRA's gap to FullFT is not larger at batch {large} than at {small}",
+              INCONCLUSIVE: "the interval includes no change"}[v]
+    if bad:
+        v, reason = INCONCLUSIVE, f"optimum not bracketed for {', '.join(bad)}"
+    measured = (f"LoRA-FullFT gap (fraction of FullFT's drop {drop:.3g}): batch {small} {(ls - fs) / drop:+.1%}, "
+                f"batch {large} {(ll - fl) / drop:+.1%}; change {_fmt_iv(iv, True)} (r={top}, {n} examples each, "
+                f"{used[2].steps} steps at batch {large})")
+    return _claim("batch", v, iv.value, iv.as_list(), reason, measured, used,
+                  gaps={str(small): (ls - fs) / drop, str(large): (ll - fl) / drop},
+                  optimal_lr={k: o.as_dict() for k, o in opts.items() if o})
 
 
-def batch(records: list[RunRecord]) -> dict[str, Any]:
-    recs = A.select(records, "batch", "sft")
-    if (m := _missing("batch", recs, "needs an SFT sweep over batch size for LoRA and FullFT")) is not None:
-        return m
-    top = max((r.rank for r in recs if r.rank is not None), default=None)
-    recs = [r for r in recs if r.method == "full" or r.rank == top]
-    metric = A.pick_metric(recs, "sft")
-    best = A.best_per_condition(recs, metric, key=lambda r: (r.method, r.batch_size))
-    sizes = sorted(b for (m, b) in best if m == "lora" and ("full", b) in best)
-    if len(sizes) < 2:
-        return _claim("batch", INCONCLUSIVE, "-", "needs LoRA and FullFT at two or more common batch sizes")
-    gap = {b: (best[("lora", b)]["mean"] - best[("full", b)]["mean"]) / best[("full", b)]["mean"] for b in sizes}
-    small, large = sizes[0], sizes[-1]
-    f, lo_ = best[("full", large)], best[("lora", large)]
-    noise = 2 * math.hypot(f["std"], lo_["std"]) / f["mean"] if min(f["n"], lo_["n"]) > 1 else 0.0
-    measured = "relative LoRA-FullFT gap: " + ", ".join(f"bs {b}: {gap[b]:+.2%}" for b in sizes) + f" (r={top})"
-    details = {"gap": {str(b): gap[b] for b in sizes}, "rank": top, "noise": noise}
-    problems = []
-    if gap[small] > BATCH_SMALL_MAX_GAP:
-        problems.append(f"LoRA already {gap[small]:.2%} behind at batch {small}")
-    growth = gap[large] - gap[small]
-    if growth < max(BATCH_MIN_GROWTH, noise):
-        problems.append(f"gap grew by only {growth:+.2%} from batch {small} to {large}"
-                        + (f" (seed noise {noise:.2%})" if noise else ""))
-    if problems:
-        return _claim("batch", NOT_HELD, measured, "; ".join(problems), growth, details)
-    return _claim("batch", HELD, measured, f"gap grows by {growth:+.2%} from batch {small} to {large}", growth,
-                  details)
+def placement(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
+    sft = {k: a for k, a in all_arms.items() if a.command == "sft" and "-bs" not in k}
+    mlp = [a for a in sft.values() if a.targets == "mlp"]
+    attn = [a for a in sft.values() if a.targets == "attn"]
+    if not mlp or not attn:
+        return _none("placement", "needs attention-only and MLP-only LoRA runs")
+    m = max(mlp, key=lambda a: a.rank or 0)
+    pairs = [a for a in attn if (a.trainable_params or 0) >= (m.trainable_params or math.inf)]
+    a = min(pairs, key=lambda x: x.trainable_params or 0) if pairs else max(attn, key=lambda x: x.trainable_params or 0)
+    alls = sft.get(f"r{m.rank}")
+    used = [x for x in (m, a, alls) if x is not None]
+    if any(best(x) is None for x in (m, a)):
+        return _none("placement", "attention-only or MLP-only has no finished runs", used)
+    sd, df = A.pooled_seed_sd(all_arms.values())
+    (_, lm, nm), (_, la, na) = best(m), best(a)
+    drop = base_loss(m) - lm
+    iv = S.diff_interval([(1, la, na), (-1, lm, nm)], sd, df)
+    iv = S.Interval(iv.value / drop, iv.low / drop, iv.high / drop)
+    v = S.verdict(iv.as_list(), (0.0, math.inf))
+    opts = {x.name: optimum(x, sd) for x in used}
+    bad = _unbracketed({m.name: opts[m.name], a.name: opts[a.name]})
+    matched = (a.trainable_params or 0) >= (m.trainable_params or math.inf)
+    reason = {HELD: "attention-only ends worse than MLP-only" + (" with at least as many parameters" if matched else ""),
+              NOT_HELD: "attention-only ends better than MLP-only", INCONCLUSIVE: "the interval includes no difference"}[v]
+    if bad:
+        v, reason = INCONCLUSIVE, f"optimum not bracketed for {', '.join(bad)}"
+    elif not matched:
+        reason += " (no attention arm had as many parameters as MLP-only)"
+    measured = (f"attn r={a.rank} ({a.trainable_params or 0:,} params) vs mlp r={m.rank} "
+                f"({m.trainable_params or 0:,}): gap {_fmt_iv(iv, True)} of MLP's drop {drop:.3g}")
+    extra: dict[str, Any] = {"optimal_lr": {k: o.as_dict() for k, o in opts.items() if o},
+                             "params": {x.name: x.trainable_params for x in used}}
+    if alls is not None and best(alls) is not None:
+        _, l_all, n_all = best(alls)
+        ia = S.diff_interval([(1, l_all, n_all), (-1, lm, nm)], sd, df)
+        ia = S.Interval(ia.value / drop, ia.low / drop, ia.high / drop)
+        measured += f"; all r={alls.rank} vs mlp: {_fmt_iv(ia, True)}"
+        extra["all_vs_mlp"] = {"effect": ia.value, "interval": ia.as_list()}
+    return _claim("placement", v, iv.value, iv.as_list(), reason, measured, used, **extra)
 
 
-def placement(records: list[RunRecord]) -> dict[str, Any]:
-    recs = [r for r in A.select(records, "placement", "sft") if r.method == "lora"]
-    if (m := _missing("placement", recs, "needs an SFT sweep over lora.targets")) is not None:
-        return m
-    best = A.best_per_condition(recs, A.pick_metric(recs, "sft"), key=lambda r: (A.placement_group(r), r.rank))
-    attn = {rk: v for (g, rk), v in best.items() if g == "attn"}
-    mlp = {rk: v for (g, rk), v in best.items() if g == "mlp"}
-    alls = {rk: v for (g, rk), v in best.items() if g == "all"}
-    if not attn or not mlp:
-        return _claim("placement", INCONCLUSIVE, "-", "needs finished attention-only and MLP-only runs")
-    parts, problems = [], []
-    for rk in sorted(set(attn) & set(mlp)):
-        parts.append(f"r={rk}: attn {attn[rk]['mean']:.4g} vs mlp {mlp[rk]['mean']:.4g}")
-        if not mlp[rk]["mean"] < attn[rk]["mean"]:
-            problems.append(f"attention-only beats MLP-only at r={rk}")
-    pairs = [(abs(math.log(a["trainable_params"] / m["trainable_params"])), -a["trainable_params"], ra, rm)
-             for ra, a in attn.items() for rm, m in mlp.items()
-             if a["trainable_params"] and m["trainable_params"] and a["trainable_params"] >= m["trainable_params"]]
-    for _, _, ra, rm in sorted(pairs):
-        a, m_ = attn[ra], mlp[rm]
-        if len(parts) == len(set(attn) & set(mlp)):  # describe the closest (then largest) matched pair
-            parts.append(f"matched: attn r={ra} ({a['trainable_params']:,} params) {a['mean']:.4g} vs mlp "
-                         f"r={rm} ({m_['trainable_params']:,}) {m_['mean']:.4g}")
-        if not m_["mean"] < a["mean"]:
-            problems.append(f"attention r={ra} beats MLP r={rm} with at least as many parameters")
-    for rk in sorted(set(alls) & set(mlp)):
-        parts.append(f"r={rk}: all {alls[rk]['mean']:.4g}")
-        if alls[rk]["mean"] > mlp[rk]["mean"] * (1 + PLACEMENT_ALL_TOL):
-            problems.append(f"all-matrices worse than MLP-only by > {PLACEMENT_ALL_TOL:.0%} at r={rk}")
-    measured = "; ".join(parts)
-    details = {f"{g} r={rk}": {"final": v["mean"], "params": v["trainable_params"]} for (g, rk), v in best.items()}
-    value = float(np.mean([attn[rk]["mean"] / mlp[rk]["mean"] for rk in set(attn) & set(mlp)] or [math.nan]))
-    if problems:
-        return _claim("placement", NOT_HELD, measured, "; ".join(problems), value, details)
-    why = "MLP-only beats attention-only" + (" at matched parameters" if pairs else " (no matched pair)")
-    return _claim("placement", HELD, measured, why, value, details)
+def rl(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
+    arms = {k: a for k, a in all_arms.items() if a.command == "rl"}
+    lora = sorted((k for k in arms if k != "rl-full"), key=lambda k: int(k.split("-r")[-1]))
+    if "rl-full" not in arms or not lora:
+        return _none("rl", "needs RL runs of FullFT and low-rank LoRA", list(arms.values()))
+    f, lo = arms["rl-full"], arms[lora[0]]
+    bf, bl = best(f), best(lo)
+    if bf is None or bl is None:
+        return _none("rl", "an RL arm has no finished runs", [f, lo])
+    n_eval = int(f.runs[0].config.get("eval_size") or 0)
+    base = next((float(r.series("eval_accuracy")[1][0]) for r in f.runs if len(r.series("eval_accuracy")[0])
+                 and r.series("eval_accuracy")[0][0] == 0), math.nan)
+    sd, df = A.pooled_seed_sd(arms.values())
+    (_, pf, nf), (_, pl, nl) = bf, bl
+    var = sum(p * (1 - p) / max(n_eval, 1) for p in (pf, pl))
+    if math.isfinite(sd):
+        var += sd * sd * (1 / nf + 1 / nl)
+    z = S.t_quantile(max(df, 1) if math.isfinite(sd) else math.inf)
+    d = pl - pf
+    iv = S.Interval(d, d - z * math.sqrt(var), d + z * math.sqrt(var))
+    base_iv = S.proportion_interval(base * n_eval, n_eval) if math.isfinite(base) else S.Interval(*[math.nan] * 3)
+    h = 1.96 * math.sqrt((pf * (1 - pf) + base * (1 - base)) / max(n_eval, 1)) if math.isfinite(base) else math.nan
+    learn = S.Interval(pf - base, pf - base - h, pf - base + h)
+    opts = {x.name: optimum(x, sd) for x in (f, lo)}
+    measured = (f"held-out greedy accuracy ({n_eval} problems): base {_fmt_iv(base_iv)}, FullFT {pf:.3f}, "
+                f"r={lo.rank} {pl:.3f}; difference {_fmt_iv(iv)}")
+    extra = {"base_accuracy": base_iv.value, "base_interval": base_iv.as_list(), "eval_size": n_eval,
+             "optimal_lr": {k: o.as_dict() for k, o in opts.items() if o}}
+    if not learn.low > 0:
+        return _claim("rl", INCONCLUSIVE, d, iv.as_list(), "FullFT did not clearly improve on the base model: "
+                      "nothing learned to compare", measured, [f, lo], **extra)
+    v = S.verdict(iv.as_list(), (-RL_MARGIN, math.inf))
+    bad = _unbracketed(opts)
+    reason = {HELD: f"rank-{lo.rank} LoRA is within {RL_MARGIN:.0%} of FullFT or better",
+              NOT_HELD: f"rank-{lo.rank} LoRA ends more than {RL_MARGIN:.0%} below FullFT",
+              INCONCLUSIVE: f"the interval straddles -{RL_MARGIN:.0%}"}[v]
+    if bad:
+        v, reason = INCONCLUSIVE, f"optimum not bracketed for {', '.join(bad)}"
+    return _claim("rl", v, d, iv.as_list(), reason, measured, [f, lo], **extra)
 
 
-def rl(records: list[RunRecord]) -> dict[str, Any]:
-    recs = A.select(records, "rl", "rl")
-    if (m := _missing("rl", recs, "needs an RL sweep of low-rank LoRA and FullFT")) is not None:
-        return m
-    metric = A.pick_metric(recs, "rl")
-    best = A.best_per_condition(recs, metric, key=A.condition, maximize=True)
-    ranks = sorted(int(c[1:]) for c in best if c != "full")
-    if "full" not in best or not ranks:
-        return _claim("rl", INCONCLUSIVE, "-", "needs finished FullFT and LoRA RL runs")
-    f, lo = best["full"], best[f"r{ranks[0]}"]
-    full_recs = [r for r in recs if r.method == "full" and r.lr == f["lr"]]
-    start = float(np.mean([A.series(r, "reward")[1][:max(1, len(r.metrics) // 10)].mean()
-                           for r in full_recs if len(A.series(r, "reward")[1])] or [math.nan]))
-    ratio = lo["mean"] / f["mean"] if f["mean"] else math.nan
-    measured = (f"best {metric}: r={ranks[0]} {lo['mean']:.3f} vs FullFT {f['mean']:.3f} (ratio {ratio:.2f}); "
-                f"FullFT reward at start {start:.3f}")
-    details = {"ratio": ratio, "best": {c: v["mean"] for c, v in best.items()}, "start_reward": start}
-    if not (f["mean"] - start >= RL_MIN_LEARNING):
-        return _claim("rl", INCONCLUSIVE, measured, "FullFT's reward did not rise: nothing learned to compare",
-                      ratio, details)
-    noise = 2 * math.hypot(f["std"], lo["std"]) if min(f["n"], lo["n"]) > 1 else 0.0
-    if ratio >= RL_FRACTION or f["mean"] - lo["mean"] <= noise:
-        return _claim("rl", HELD, measured, f"r={ranks[0]} reaches {ratio:.0%} of FullFT", ratio, details)
-    return _claim("rl", NOT_HELD, measured, f"r={ranks[0]} reaches only {ratio:.0%} of FullFT "
-                  f"(< {RL_FRACTION:.0%}, beyond seed noise)", ratio, details)
-
-
-def evaluate(records: list[RunRecord]) -> list[dict[str, Any]]:
+def evaluate(records: list[A.RunRecord]) -> list[dict[str, Any]]:
     """All five claims, in the paper's order."""
-    return [capacity(records), lr_ratio(records), batch(records), placement(records), rl(records)]
+    all_arms = A.arms(records)
+    return [capacity(all_arms), lr_ratio(all_arms, records), batch(all_arms), placement(all_arms), rl(all_arms)]

@@ -1,8 +1,9 @@
-"""The paper's five figures, one function each, drawn from run records (matplotlib, Agg, PNG + SVG).
+"""The paper's five figures, one function each, drawn from the arms of the comparisons (matplotlib Agg,
+PNG + SVG, no pyplot). The paper's axes: log steps for learning curves, log LR for U-curves.
 
-Each `fig_*` takes run records and an output stem (`.../figures/lr_curves`) and returns the files written,
-or [] when there is nothing to draw (the report then marks the figure as missing, not an error). Seeds are
-drawn as bands (min to max over seeds) around the seed mean. No pyplot: each figure is its own `Figure`.
+Each `fig_*(all_arms, stem)` returns the files written, or [] when it has nothing to draw (the report then
+says the figure is missing). Seed bands: min to max over the seeds of the LR drawn; every seed's final value
+is a dot on the U-curves.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from regretless.report import analysis as A
-from regretless.report.analysis import RunRecord
 
 FULL_COLOR = "black"
-GROUP_COLORS = {"attn": "tab:red", "mlp": "tab:blue", "all": "tab:green"}
+ROLE_COLORS = {"attn": "tab:red", "mlp": "tab:blue", "all": "tab:green"}
 
 
-def _figure(width: float = 6.4, height: float = 4.4) -> tuple[Figure, object]:
-    fig = Figure(figsize=(width, height), dpi=110)
+def _figure(ncols: int = 1, width: float = 6.4, height: float = 4.4) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width * ncols, height), dpi=110)
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot(1, 1, 1)
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 
 def _save(fig: Figure, stem: Path) -> list[Path]:
@@ -37,165 +37,193 @@ def _save(fig: Figure, stem: Path) -> list[Path]:
     return paths
 
 
-def _colors(conditions: list[str]) -> dict[str, object]:
+def _rank_colors(names: list[str]) -> dict[str, object]:
     import matplotlib
 
-    ranks = [c for c in conditions if c != "full"]
+    ranks = sorted((n for n in names if n != "full"), key=A.rank_of)
     cmap = matplotlib.colormaps["viridis"]
-    out: dict[str, object] = {c: cmap(i / max(1, len(ranks) - 1) * 0.9) for i, c in enumerate(ranks)}
+    out: dict[str, object] = {n: cmap(i / max(1, len(ranks) - 1) * 0.9) for i, n in enumerate(ranks)}
     out["full"] = FULL_COLOR
     return out
 
 
-def _band(ax, x, c: A.Curve, color, label: str, **kw) -> None:
-    ax.plot(x, c.mean, color=color, label=label, **kw)
-    if c.n > 1:
-        ax.fill_between(x, c.lo, c.hi, color=color, alpha=0.2, linewidth=0)
+def _label(name: str) -> str:
+    if name in ("full", "rl-full") or name.startswith("full-"):
+        return "FullFT" + name[4:].replace("-", " ") if name.startswith("full") else "FullFT"
+    return "LoRA " + name.replace("rl-", "").replace("-", " ")
 
 
-def fig_loss_curves(records: list[RunRecord], stem: Path, smooth: int | None = None) -> list[Path]:
-    """(1) Training loss vs step per rank and FullFT: pointwise minimum over LRs, log-x."""
-    recs = [r for r in records if r.status == "done"]
-    curves = A.pointwise_min(recs, "loss", smooth=smooth or _window(recs))
-    if not curves:
-        return []
-    fig, ax = _figure()
-    colors = _colors(list(curves))
-    for cond, c in curves.items():
-        keep = c.steps > 0
-        _band(ax, c.steps[keep], A.Curve(c.steps[keep], c.mean[keep], c.lo[keep], c.hi[keep], c.n), colors[cond],
-              A.condition_label(cond), linestyle="--" if cond == "full" else "-")
-    ax.set_xscale("log")
-    ax.set(xlabel="step", ylabel="training loss (min over LRs)", title="Loss vs steps, best LR at each step")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    return _save(fig, stem)
+def _best_lr(arm: A.Arm) -> float | None:
+    sc = arm.scores()
+    if not sc:
+        return None
+    key = (lambda lr: -np.mean(sc[lr])) if arm.maximize else (lambda lr: np.mean(sc[lr]))
+    return min(sc, key=key)
 
 
-def _window(recs: list[RunRecord]) -> int:
-    return max(1, max((len(r.metrics) for r in recs), default=1) // 20)
+def _seed_band(ax, arm: A.Arm, lr: float, metric: str, color, label: str, x_scale: float = 1.0) -> bool:
+    runs = arm.at_lr(lr)
+    parts = [r.series(metric) for r in runs]
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return False
+    steps, mean, _ = A.eval_curve(runs, metric)
+    if not len(steps):
+        return False
+    stack = np.stack([[v[list(s).index(t)] for t in steps] for s, v in parts])
+    x = np.maximum(steps, 0.5) * x_scale
+    ax.plot(x, mean, color=color, label=label, marker=".")
+    if len(parts) > 1:
+        ax.fill_between(x, stack.min(0), stack.max(0), color=color, alpha=0.2, linewidth=0)
+    return True
 
 
-def fig_lr_curves(records: list[RunRecord], stem: Path, metric: str | None = None) -> list[Path]:
-    """(2) Final loss vs LR per rank and FullFT (U-curves), fitted optima marked, LoRA/FullFT ratio shown."""
-    metric = metric or A.pick_metric(records, "sft")
-    rows = A.final_vs_lr(records, metric)
-    rows = [d for d in rows if math.isfinite(d["final_loss"])]
-    if not rows:
-        return []
-    opt = A.optimal_lrs(rows)
-    conds = sorted({d["condition"] for d in rows}, key=A.condition_order)
-    colors = _colors(conds)
-    fig, ax = _figure()
-    for cond in conds:
-        pts = [d for d in rows if d["condition"] == cond]
-        x = np.array([d["lr"] for d in pts])
-        y, lo, hi = (np.array([d[k] for d in pts]) for k in ("final_loss", "lo", "hi"))
-        label = A.condition_label(cond)
-        if cond in opt:
-            label += f" (LR* {opt[cond].lr:.2g}{', edge' if opt[cond].at_edge else ''})"
-        _band(ax, x, A.Curve(x, y, lo, hi, max(d["n"] for d in pts)), colors[cond], label, marker="o",
-              markersize=3, linestyle="--" if cond == "full" else "-")
-        if cond in opt:
-            ax.plot([opt[cond].lr], [opt[cond].value], marker="*", markersize=12, color=colors[cond],
-                    markeredgecolor="white")
-    title = "Final loss vs LR"
-    lora = [o.lr for c, o in opt.items() if c != "full" and not o.at_edge]
-    if "full" in opt and lora:
-        ratio = float(np.exp(np.mean(np.log(lora)))) / opt["full"].lr
-        title += f": LoRA/FullFT optimal LR = {ratio:.1f}x"
-    ax.set_xscale("log")
-    ax.set(xlabel="learning rate", ylabel=f"final {metric.replace('_', ' ')}", title=title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    return _save(fig, stem)
-
-
-def _best_line(ax, best: dict, xs: list, cond: str, color, label: str) -> None:
-    pts = [(x, best[(cond, x)]) for x in xs if (cond, x) in best]
-    if not pts:
-        return
-    x = np.array([p[0] for p in pts], dtype=float)
-    y, lo, hi = (np.array([p[1][k] for p in pts]) for k in ("mean", "lo", "hi"))
-    _band(ax, x, A.Curve(x, y, lo, hi, max(p[1]["n"] for p in pts)), color, label, marker="o")
-
-
-def fig_batch(records: list[RunRecord], stem: Path, metric: str | None = None) -> list[Path]:
-    """(3) Best-LR final loss vs batch size, each LoRA rank vs FullFT."""
-    metric = metric or A.pick_metric(records, "sft")
-    best = A.best_per_condition(records, metric, key=lambda r: (A.condition(r), r.batch_size))
-    sizes = sorted({b for (_, b) in best if b is not None})
-    if not sizes:
-        return []
-    conds = sorted({c for c, _ in best}, key=A.condition_order)
-    colors = _colors(conds)
-    fig, ax = _figure()
-    for cond in conds:
-        _best_line(ax, best, sizes, cond, colors[cond], A.condition_label(cond))
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="batch size (sequences)", ylabel=f"final {metric.replace('_', ' ')} (best LR)",
-           title="Final loss vs batch size")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    return _save(fig, stem)
-
-
-def fig_placement(records: list[RunRecord], stem: Path, metric: str | None = None) -> list[Path]:
-    """(4) Best-LR final loss vs trainable parameters for attention-only, MLP-only and all-matrices LoRA."""
-    recs = [r for r in records if r.method == "lora"]
-    metric = metric or A.pick_metric(recs, "sft")
-    best = A.best_per_condition(recs, metric, key=lambda r: (A.placement_group(r), r.rank))
-    if not best:
-        return []
-    fig, ax = _figure()
-    use_params = all(v["trainable_params"] for v in best.values())
-    for g in sorted({g for g, _ in best}):
-        pts = sorted((rk, v) for (gg, rk), v in best.items() if gg == g)
-        x = np.array([v["trainable_params"] if use_params else rk for rk, v in pts], dtype=float)
-        y, lo, hi = (np.array([v[k] for _, v in pts]) for k in ("mean", "lo", "hi"))
-        color = GROUP_COLORS.get(g, "tab:gray")
-        _band(ax, x, A.Curve(x, y, lo, hi, max(v["n"] for _, v in pts)), color, f"{g}", marker="o")
-        for xi, yi, (rk, _) in zip(x, y, pts):
-            ax.annotate(f"r={rk}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-    ax.set_xscale("log")
-    ax.set(xlabel="trainable parameters" if use_params else "rank",
-           ylabel=f"final {metric.replace('_', ' ')} (best LR)", title="Where to apply LoRA")
-    ax.legend(fontsize=8, title="targets")
-    ax.grid(alpha=0.3, which="both")
-    return _save(fig, stem)
-
-
-def fig_rl_reward(records: list[RunRecord], stem: Path, smooth: int | None = None) -> list[Path]:
-    """(5) RL reward vs step per rank and FullFT, each at its best LR (by final reward)."""
-    recs = [r for r in records if r.status == "done"]
-    if not recs:
-        return []
-    best = A.best_per_condition(recs, A.pick_metric(recs, "rl"), key=A.condition, maximize=True)
-    conds = sorted(best, key=A.condition_order)
-    colors = _colors(conds)
-    fig, ax = _figure()
-    drawn = 0
-    for cond in conds:
-        group = [r for r in recs if A.condition(r) == cond and r.lr == best[cond]["lr"]]
-        c = A.seed_curve(group, "reward", smooth or _window(group))
-        if c is None:
+def fig_capacity(all_arms: dict[str, A.Arm], stem: Path) -> list[Path]:
+    """(1) Capacity: held-out eval loss vs step (log), pointwise minimum over LRs, FullFT and each rank."""
+    arms = A.base_arms(all_arms)
+    fig, (ax,) = _figure()
+    colors = _rank_colors(list(arms))
+    drawn = False
+    for name in sorted(arms, key=lambda n: (n == "full", A.rank_of(n))):
+        c = A.pointwise_min(arms[name])
+        if len(c["steps"]) < 2:
             continue
-        drawn += 1
-        _band(ax, c.steps, c, colors[cond], f"{A.condition_label(cond)} (LR {best[cond]['lr']:.2g})",
-              linestyle="--" if cond == "full" else "-")
+        x = np.maximum(c["steps"], 0.5)
+        ax.plot(x, c["value"], color=colors[name], label=_label(name), marker=".", lw=2 if name == "full" else 1.5)
+        lr = _best_lr(arms[name])
+        runs = arms[name].at_lr(lr) if lr is not None else []
+        if len(runs) > 1:  # seed band of the LR that is best at the end
+            s, _, _ = A.eval_curve(runs)
+            vals = np.stack([[r.series("eval_loss")[1][list(r.series("eval_loss")[0]).index(t)] for t in s]
+                             for r in runs])
+            ax.fill_between(np.maximum(s, 0.5), vals.min(0), vals.max(0), color=colors[name], alpha=0.15, lw=0)
+        drawn = True
     if not drawn:
         return []
-    ax.set(xlabel="step", ylabel="reward (best LR)", title="RL reward vs steps")
+    ax.set_xscale("log")
+    ax.set(xlabel="step (log; step 0 drawn at 0.5)", ylabel="held-out eval loss (min over LRs)",
+           title="Capacity: LoRA ranks vs FullFT")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
     return _save(fig, stem)
 
 
-FIGURES: dict[str, tuple[str, str, Callable[[list[RunRecord], Path], list[Path]]]] = {
-    # name -> (finding whose runs it draws, trainer command, function)
-    "loss_curves": ("capacity", "sft", fig_loss_curves),
-    "lr_curves": ("lr_ratio", "sft", fig_lr_curves),
-    "batch": ("batch", "sft", fig_batch),
-    "placement": ("placement", "sft", fig_placement),
-    "rl_reward": ("rl", "rl", fig_rl_reward),
-}
+def _u_curve(ax, arm: A.Arm, color, label: str) -> bool:
+    sc = arm.scores()
+    pts = [(lr, v) for lr, vs in sc.items() for v in vs if math.isfinite(v)]
+    if not pts:
+        return False
+    lrs = sorted(sc)
+    means = [np.mean(sc[lr]) if all(math.isfinite(v) for v in sc[lr]) else np.nan for lr in lrs]
+    ax.plot(lrs, means, color=color, label=label, lw=1.5)
+    ax.scatter(*zip(*pts), color=color, s=10, alpha=0.6)
+    div = [lr for lr in lrs if not all(math.isfinite(v) for v in sc[lr])]
+    if div:
+        ax.scatter(div, [np.nanmax(means)] * len(div), marker="x", color=color, s=30)
+    return True
+
+
+def fig_lr(all_arms: dict[str, A.Arm], stem: Path, optima: dict | None = None, predicted: dict | None = None
+           ) -> list[Path]:
+    """(2) LR ratio: final eval loss vs LR (log) per arm, every seed a dot, fitted optima dashed, the
+    recipe's LRs as triangles (x: diverged)."""
+    arms = A.base_arms(all_arms)
+    fig, (ax,) = _figure()
+    colors = _rank_colors(list(arms))
+    drawn = False
+    for name in sorted(arms, key=lambda n: (n == "full", A.rank_of(n))):
+        if _u_curve(ax, arms[name], colors[name], _label(name)):
+            drawn = True
+            o = (optima or {}).get(name)
+            if o:
+                ax.axvline(o["lr"], color=colors[name], ls="--", lw=0.8)
+                ax.axvspan(o["interval"][0], o["interval"][1], color=colors[name], alpha=0.08)
+    if not drawn:
+        return []
+    for key, color in (("full", FULL_COLOR), ("lora", "tab:purple")):
+        if predicted and predicted.get(key):
+            ax.scatter([predicted[key]], [ax.get_ylim()[0]], marker="^", color=color, s=60, zorder=5,
+                       label=f"recipe {'FullFT' if key == 'full' else 'LoRA'} LR")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (log)", ylabel="final held-out eval loss", title="LR ratio: U-curves")
+    ax.legend(fontsize=8)
+    return _save(fig, stem)
+
+
+def fig_batch(all_arms: dict[str, A.Arm], stem: Path) -> list[Path]:
+    """(3) Batch size: eval loss vs examples seen (log) at each arm's best LR, small and large batch."""
+    sft = [a for a in all_arms.values() if a.command == "sft" and a.targets in ("all", "full") and a.examples]
+    top = max((a.rank for a in sft if a.rank is not None), default=None)
+    sft = [a for a in sft if a.method == "full" or a.rank == top]
+    sizes = sorted({a.batch_size for a in sft})
+    if len(sizes) < 2:
+        return []
+    fig, (ax,) = _figure()
+    styles = {b: ("-" if i == 0 else "--") for i, b in enumerate(sizes)}
+    drawn = False
+    for a in sorted(sft, key=lambda a: (a.batch_size, a.method)):
+        lr = _best_lr(a)
+        if lr is None:
+            continue
+        color = FULL_COLOR if a.method == "full" else "tab:green"
+        runs = a.at_lr(lr)
+        steps, mean, _ = A.eval_curve(runs)
+        if not len(steps):
+            continue
+        x = np.maximum(steps * a.batch_size, 0.5 * a.batch_size)
+        ax.plot(x, mean, color=color, ls=styles[a.batch_size], marker=".",
+                label=f"{'FullFT' if a.method == 'full' else f'LoRA r={a.rank}'} batch {a.batch_size} (lr {lr:.2g})")
+        drawn = True
+    if not drawn:
+        return []
+    ax.set_xscale("log")
+    ax.set(xlabel="examples seen (log)", ylabel="held-out eval loss", title="Batch size: LoRA vs FullFT")
+    ax.legend(fontsize=8)
+    return _save(fig, stem)
+
+
+def fig_placement(all_arms: dict[str, A.Arm], stem: Path) -> list[Path]:
+    """(4) Where to apply: final eval loss vs LR (log) for MLP-only, attention-only and all matrices."""
+    sft = {k: a for k, a in all_arms.items() if a.command == "sft" and "-bs" not in k}
+    mlp = [a for a in sft.values() if a.targets == "mlp"]
+    attn = [a for a in sft.values() if a.targets == "attn"]
+    if not mlp or not attn:
+        return []
+    chosen = [*mlp, *attn]
+    alls = [sft[f"r{m.rank}"] for m in mlp if f"r{m.rank}" in sft]
+    fig, (ax,) = _figure()
+    for a in [*chosen, *alls]:
+        role = a.targets if a.targets in ROLE_COLORS else "all"
+        _u_curve(ax, a, ROLE_COLORS[role], f"{role} r={a.rank} ({a.trainable_params or 0:,} params)")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (log)", ylabel="final held-out eval loss", title="Where to apply LoRA")
+    ax.legend(fontsize=8)
+    return _save(fig, stem)
+
+
+def fig_rl(all_arms: dict[str, A.Arm], stem: Path) -> list[Path]:
+    """(5) RL: held-out greedy accuracy vs step at each arm's best LR (left), final accuracy vs LR (right)."""
+    arms = {k: a for k, a in all_arms.items() if a.command == "rl"}
+    if not arms:
+        return []
+    fig, (ax, ax2) = _figure(ncols=2)
+    drawn = False
+    for i, (name, a) in enumerate(sorted(arms.items())):
+        color = FULL_COLOR if name == "rl-full" else ["tab:orange", "tab:green", "tab:blue"][i % 3]
+        lr = _best_lr(a)
+        if lr is not None and _seed_band(ax, a, lr, "eval_accuracy", color, f"{_label(name)} (lr {lr:.2g})"):
+            drawn = True
+        _u_curve(ax2, a, color, _label(name))
+    if not drawn:
+        return []
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set(xlabel="step (symlog)", ylabel="held-out greedy accuracy", title="RL: learning curves")
+    ax2.set_xscale("log")
+    ax2.set(xlabel="learning rate (log)", ylabel="final held-out accuracy", title="RL: accuracy vs LR")
+    ax.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    return _save(fig, stem)
+
+
+FIGURES: dict[str, tuple[str, Callable[..., list[Path]]]] = {
+    "capacity": ("capacity", fig_capacity), "lr_curves": ("lr_ratio", fig_lr), "batch": ("batch", fig_batch),
+    "placement": ("placement", fig_placement), "rl": ("rl", fig_rl)}

@@ -6,7 +6,7 @@ sweep runner's resume skips every run already done. Rules, applied in order each
 
 1. start: 3 points per decade around the starting guess (guess / 10^(1/3), guess, guess * 10^(1/3));
 2. extend: while the best LR (lowest mean score; a diverged run counts as +inf) is the lowest or the highest
-   LR tried, add the next grid point beyond it, up to `max_decades` from the start (then the status is
+   LR tried, add the next two grid points beyond it (two, so that a poor start costs half the rounds), up to `max_decades` from the start (then the status is
    `capped`: the claim that uses this condition says the optimum was not bracketed);
 3. refine: add the half-step points on both sides of the best coarse point;
 4. seeds: the best LR and its two neighbours (the decisive runs) get every seed in `seeds`; if the seed means
@@ -57,7 +57,8 @@ def next_runs(scores: Mapping[float, Mapping[int, float]], start: float, cfg: Se
             k = math.floor(kb) - 1 if step < 0 else math.ceil(kb) + 1
             if abs(k) > cap:
                 return CAPPED, []
-            return SEARCHING, [(cfg.lr_at(start, k), s0)]
+            ks = [k, k + step] if abs(k + step) <= cap else [k]
+            return SEARCHING, [(cfg.lr_at(start, j), s0) for j in ks]
     if cfg.refine and kb == int(kb):
         half = [cfg.lr_at(start, kb + d) for d in (-0.5, 0.5)]
         todo = [(lr, s0) for lr in half if lr not in scores]
