@@ -127,8 +127,8 @@ def test_placement_on_a_local_model_and_chat_jsonl_end_to_end(tiny_llama_dir, tm
     assert placement["verdict"] in ("held", "did not hold", "inconclusive") and placement["runs"] >= 9
     ctx = json.loads((out / "reproduce.json").read_text())
     assert ctx["model"]["path"] == str(tiny_llama_dir) and ctx["data"] == str(data)
-    assert {c["name"] for c in ctx["conditions"]} == {"mlp-r4", "attn-r%d" % R.matched_attention_rank(
-        tiny_llama_dir, 4)[0], "r4"}
+    ra = R.matched_attention_rank(tiny_llama_dir, 4)[0]
+    assert {c["name"] for c in ctx["conditions"]} == {"mlp-r4", f"attn-r{ra}", "r4"}
     assert all(c["search"] in ("done", "capped") for c in ctx["conditions"])
     assert all(c["runs"] >= 3 for c in ctx["conditions"])  # 3 points a decade around each start, at least
     html = (out / "report.html").read_text()

@@ -456,8 +456,9 @@ def dry_run(preset: str | Preset, model: str | None = None, only: str | Iterable
     lines = [f"preset {p.name}: {p.description} ({p.budget})",
              f"  model {model or p.model}; data {p.data}; RL env {p.env}; seeds {list(p.seeds)}",
              f"  SFT: {p.sft}", f"  RL: {p.rl}",
-             "  conditions (each with its own adaptive LR search: 3 points a decade from the recipe's LR, "
-             f"extended up to {p.max_decades:g} decades until bracketed, refined, decisive runs x{len(p.seeds)} seeds):"]
+             ("  conditions (each with its own adaptive LR search: 3 points a decade from the recipe's LR, "
+              f"extended up to {p.max_decades:g} decades until bracketed, refined, decisive runs x{len(p.seeds)} "
+              "seeds):")]
     for f in findings:
         arms = {"capacity": f"FullFT + LoRA r={list(p.ranks)}", "lr_ratio": f"FullFT + LoRA r={list(p.ranks)}",
                 "batch": f"FullFT + LoRA r={max(p.ranks)} at batch {p.sft.get('batch_size')} and {p.large_batch}",
