@@ -260,13 +260,23 @@ def finish_marker(out: Path) -> dict | None:
     return s if s and s.get("status") in ("done", "diverged") else None
 
 
+def normal_modes(root: Path) -> None:
+    """Give a folder written by other libraries the usual modes under the umask (safetensors writes 0600, tempfile
+    folders are 0700)."""
+    fmode, dmode = umask_mode(), umask_mode(directory=True)
+    root.chmod(dmode)
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            p.chmod(dmode if p.is_dir() else fmode)
+
+
 def save_atomically(out: Path, name: str, writer: Callable[[Path], None]) -> Path:
     """writer(tmp_folder) fills a temp folder that then replaces out/name."""
     final = out / name
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
     try:
-        tmp.chmod(umask_mode(directory=True))
         writer(tmp)
+        normal_modes(tmp)
         old = out / f".{name}.old"
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():

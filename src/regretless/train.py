@@ -32,13 +32,13 @@ import torch
 from tqdm import tqdm
 
 from regretless import lm
-from regretless.config import SFTConfig, umask_mode
+from regretless.config import SFTConfig
 from regretless.data.batching import collate, step_plan, steps_per_epoch
 from regretless.errors import UserError
 from regretless.lora import apply_lora, param_groups, save_adapter
 from regretless.models import default_device, load_model
 from regretless.preflight import check_train_config
-from regretless.runfiles import open_run, restore, save_atomically, write_summary
+from regretless.runfiles import normal_modes, open_run, restore, save_atomically, write_summary
 
 
 def log(msg: str) -> None:
@@ -139,7 +139,7 @@ def set_lr(optimizer: torch.optim.Optimizer, mult: float) -> float:
 def save_final(model, tok, cfg: Any, out: Path, model_path: Path) -> None:
     if cfg.lora is not None:
         save_adapter(model, out / "adapter", cfg.lora, base_model=str(model_path))
-        (out / "adapter").chmod(umask_mode(directory=True))  # the engine's temp folder was 0700
+        normal_modes(out / "adapter")  # safetensors writes 0600
     else:
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
