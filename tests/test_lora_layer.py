@@ -153,3 +153,146 @@ def test_A_init_matches_peft():
     q = torch.linspace(0.05, 0.95, 19)
     torch.testing.assert_close(torch.quantile(A.flatten(), q), torch.quantile(peft_A.flatten(), q),
                                atol=0.03 * bound, rtol=0)
+
+
+# ---- the frozen-base autograd function (the path of every real LoRA step) against float64 formulas
+
+
+def _fn_case(dtype: torch.dtype, bias: bool, seed: int = 0):
+    from regretless.lora.layer import _LoRALinearFn
+
+    g = torch.Generator().manual_seed(seed)
+    N, d_in, d_out, r, s = 11, 24, 20, 3, 2.5
+    x, W = torch.randn(N, d_in, generator=g, dtype=torch.float64), torch.randn(d_out, d_in, generator=g,
+                                                                                 dtype=torch.float64) / 5
+    b = torch.randn(d_out, generator=g, dtype=torch.float64) if bias else None
+    A, B = torch.randn(r, d_in, generator=g, dtype=torch.float64) / 5, torch.randn(d_out, r, generator=g,
+                                                                                    dtype=torch.float64) / 2
+    gy = torch.randn(N, d_out, generator=g, dtype=torch.float64)
+    # the explicit formulas, in float64
+    want = {"y": x @ W.T + (b if bias else 0) + s * (x @ A.T) @ B.T,
+            "dx": gy @ W + s * (gy @ B) @ A,  # dL/dx = g·W + s·(g·B)·A
+            "dA": s * (gy @ B).T @ x,  # dL/dA = s·(g·B)ᵀ·x
+            "dB": s * gy.T @ (x @ A.T)}  # dL/dB = s·gᵀ·(x·Aᵀ)
+    leaves = [t.detach().to(dtype).clone().requires_grad_(True) for t in (x, A, B)]
+    y = _LoRALinearFn.apply(leaves[0], W.to(dtype), None if b is None else b.to(dtype), leaves[1], leaves[2], s)
+    y.backward(gy.to(dtype))
+    got = {"y": y, "dx": leaves[0].grad, "dA": leaves[1].grad, "dB": leaves[2].grad}
+    return got, want, (x, W, b, A, B, gy, s)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_lora_fn_forward_and_grads_against_float64(dtype, tol, bias):
+    got, want, (x, W, b, A, B, gy, _) = _fn_case(dtype, bias)
+    for k in want:
+        assert got[k].dtype == dtype
+        assert _rel(got[k], want[k]) <= tol, k
+    # the test has the power to see a missing term: each one moves its result far beyond the tolerance
+    altered = {"y": x @ W.T + (b if bias else 0), "dx": gy @ W, "dA": (gy @ B).T @ x, "dB": gy.T @ (x @ A.T)}
+    for k, v in altered.items():
+        assert _rel(v, want[k]) > 20 * tol, k
+
+
+def test_lora_fn_no_gradient_for_the_frozen_base_and_only_what_is_asked():
+    from regretless.lora.layer import _LoRALinearFn
+
+    x = torch.randn(4, 6, requires_grad=True)
+    W = torch.randn(5, 6, requires_grad=True)  # even if asked, W gets no gradient: it is frozen by contract
+    A, B = torch.randn(2, 6), torch.randn(5, 2, requires_grad=True)
+    _LoRALinearFn.apply(x, W, None, A, B, 1.5).sum().backward()
+    assert W.grad is None and A.grad is None and x.grad is not None and B.grad is not None
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_lora_linear_takes_the_fused_path_with_the_same_result(dtype, tol):
+    """LoRALinear on a frozen base runs _LoRALinearFn, with the outputs and grads of the float64 formula."""
+    _, want, (x, W, b, A, B, gy, s) = _fn_case(torch.float64, True, seed=3)
+    base = nn.Linear(W.shape[1], W.shape[0]).to(dtype)
+    with torch.no_grad():
+        base.weight.copy_(W)
+        base.bias.copy_(b)
+    base.requires_grad_(False)
+    lora = LoRALinear(base, rank=A.shape[0], scale=s)
+    with torch.no_grad():
+        lora.lora_A.copy_(A)
+        lora.lora_B.copy_(B)
+    xx = x.detach().to(dtype).requires_grad_(True)
+    y = lora(xx.reshape(1, *xx.shape))[0]  # (1, N, d_in) -> the module reshapes to (N, d_in)
+    fns, todo = set(), [y.grad_fn]
+    while todo:
+        f = todo.pop()
+        fns.add(type(f).__name__)
+        todo += [n for n, _ in f.next_functions if n is not None]
+    assert "_LoRALinearFnBackward" in fns  # the fused autograd function ran
+    y.backward(gy.to(dtype))
+    assert _rel(y, want["y"]) <= tol and _rel(xx.grad, want["dx"]) <= tol
+    assert _rel(lora.lora_A.grad, want["dA"]) <= tol and _rel(lora.lora_B.grad, want["dB"]) <= tol
+
+
+def test_conv1d_base_fan_in_fan_out():
+    """transformers' Conv1D stores W as (d_in, d_out): y = x·W + b + s·(x·Aᵀ)·Bᵀ; merge adds ΔWᵀ."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(7, 5)  # nf = d_out 7, nx = d_in 5; weight (5, 7)
+    nn.init.normal_(base.weight)
+    nn.init.normal_(base.bias)
+    lora = LoRALinear(base, rank=2, scale=3.0)
+    assert (lora.in_features, lora.out_features) == (5, 7) and lora.lora_A.shape == (2, 5)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(3, 5)
+    want = x @ base.weight + base.bias + 3.0 * (x @ lora.lora_A.T) @ lora.lora_B.T
+    torch.testing.assert_close(lora(x), want)
+    torch.testing.assert_close(lora.weight, base.weight + 3.0 * (lora.lora_B @ lora.lora_A).T)
+    lora.merge()
+    torch.testing.assert_close(x @ base.weight + base.bias, want, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_read_directly_is_the_effective_weight():
+    """Model code that reads `.weight` (Jamba: dt_proj.weight @ x) gets W + s·B·A, gradients included."""
+    base = _linear(6, 4)
+    lora = LoRALinear(base, rank=2, scale=2.0)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(6, 3)
+    (lora.weight @ x).sum().backward()
+    want_B = 2.0 * torch.ones(4, 3) @ (lora.lora_A @ x).T
+    torch.testing.assert_close(lora.lora_B.grad, want_B)
+    torch.testing.assert_close((lora.weight @ x).T, lora(x.T) - base.bias)
+    lora.enabled = False
+    assert lora.weight is base.weight
+    assert lora.bias is base.bias
+
+
+def test_lora_param_on_a_router_weight():
+    """LoRAParam runs the wrapped module with W + s·B·A for one bare 2-D parameter (PEFT's router adapter)."""
+    from regretless.lora import LoRAParam
+
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 6))
+            self.top_k = 2
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight).softmax(-1)
+
+    r = Router()
+    lora = LoRAParam(r, "weight", rank=2, scale=1.5)
+    assert lora.top_k == 2  # the parent may read the router's attributes
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(3, 6)
+    want = nn.functional.linear(x, r.weight + 1.5 * lora.lora_B @ lora.lora_A).softmax(-1)
+    torch.testing.assert_close(lora(x), want)
+    w0 = r.weight.detach().clone()
+    lora.merge()
+    torch.testing.assert_close(r(x), want)
+    lora.unmerge()
+    assert torch.equal(r.weight, w0)
