@@ -201,3 +201,30 @@ def test_assets_list_and_prepare(smollm2_dir, capsys, monkeypatch, tmp_path):
 
 def test_assets_unknown_name(capsys):
     assert "unknown built-in asset 'gpt-7'" in _run_error(["assets", "prepare", "gpt-7"], capsys)
+
+
+def test_merge_tied_head_unties_and_keeps_the_embeddings(tiny_llama_dir, tmp_path, capsys):
+    """An adapter on the tied LM head: the merged model has its own head weight; the embeddings are untouched."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    emb0 = model.model.embed_tokens.weight.detach().clone()
+    lora = LoRAConfig(rank=4, targets=("all", "lm_head"))
+    apply_lora(model, lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in lora_parameters(model):
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    save_adapter(model, tmp_path / "adapter", lora)
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(out)]) == 0
+    assert "untied lm_head from the input embeddings" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.equal(merged.model.embed_tokens.weight, emb0)
+    with torch.no_grad():
+        assert (merged(ids).logits - want).abs().max() <= 1e-4

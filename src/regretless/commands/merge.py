@@ -8,8 +8,9 @@ examples:
 --run DIR takes DIR/adapter and the run's base model (config.yaml); --adapter A takes the base that A names
 (adapter_config.json), unless --model M gives another (a local folder, a .gguf file or a built-in name).
 The merge W' = W + s·B·A is done in fp32 and the result saved in the base's dtype (or --dtype). The base
-itself is never changed. OUT is written atomically (a temp folder beside it, then a rename); an existing OUT
-is replaced only with --force.
+itself is never changed; an adapted LM head tied to the input embeddings is untied first (the embeddings stay as
+they were, the saved config says tie_word_embeddings: false). OUT is written atomically (a temp folder beside
+it, then a rename); an existing OUT is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def merge(model: str | None, adapter: str | Path, out: str | Path, dtype: str = 
           run: str | Path | None = None) -> dict:
     """Load base + adapter, merge, save a plain HF folder at `out`. Returns what was done."""
     from regretless.commands._runs import adapter_base, base_dtype, from_run, resolve_base
-    from regretless.lora import load_adapter, lora_modules, read_adapter, unload
+    from regretless.lora import load_adapter, lora_modules, merge_lora, read_adapter, unload
     from regretless.models import load_model
     from regretless.runfiles import save_atomically
 
@@ -66,6 +67,7 @@ def merge(model: str | None, adapter: str | Path, out: str | Path, dtype: str = 
     target = base_dtype(path) if dtype == "auto" else DTYPES[dtype]
     lora_cfg = load_adapter(base, adapter)
     n_modules = len(list(lora_modules(base)))
+    untied = merge_lora(base)  # a tied LM head gets its own weight before ΔW goes in: the embeddings stay
     merged = unload(base, merge=True).to(target)
     if hasattr(merged.config, "dtype"):
         merged.config.dtype = target
@@ -77,7 +79,7 @@ def merge(model: str | None, adapter: str | Path, out: str | Path, dtype: str = 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_atomically(out.parent, out.name, write)
     return {"model": str(model), "adapter": str(adapter), "out": str(out), "dtype": NAMES.get(target, str(target)),
-            "modules": n_modules, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha}
+            "modules": n_modules, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "untied": untied}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,4 +87,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {info['out']}: a plain transformers model ({info['dtype']}) with its tokenizer, = base "
           f"{info['model']} + adapter {info['adapter']} ({info['modules']} LoRA modules, r={info['rank']}, "
           f"alpha={info['alpha']:g}) merged; the base is unchanged")
+    if info["untied"]:
+        print(f"untied {', '.join(info['untied'])} from the input embeddings (their weight was shared): the merged "
+              "model keeps the embeddings as they were and saves tie_word_embeddings: false")
     return 0

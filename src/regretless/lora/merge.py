@@ -37,7 +37,7 @@ def merge_lora(model: nn.Module, only: list[nn.Module] | None = None) -> list[st
             m.tied_to = None
             cfg = getattr(model, "config", None)
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            if cfg is not None and getattr(cfg, "tie_word_embeddings", False) and holder is head:
+            if cfg is not None and getattr(cfg, "tie_word_embeddings", False) and m is head:
                 cfg.tie_word_embeddings = False
                 m._retie_config = True
             untied.append(name)
