@@ -19,7 +19,8 @@ def env_files(tmp_path):
     data.write_text("\n".join(json.dumps({"prompt": f"Say something {i}", "answer": "x"}) for i in range(20)))
     (tmp_path / "rewards.py").write_text(
         "def has_e(completion, answer):\n    return float('e' in completion[:6])\n"
-        "def boom(completion, answer):\n    raise KeyError('oops')\n")
+        "def boom(completion, answer):\n    raise KeyError('oops')\n"
+        "def first_odd(completion, answer):\n    return float(len(completion) > 0 and ord(completion[0]) % 2 == 1)\n")
     return data, tmp_path / "rewards.py"
 
 
@@ -35,7 +36,7 @@ def _setup(tok, env_files, reward="has_e", **kw):
 def test_step_fills_grads_and_reports_metrics(tiny_tokenizer, env_files):
     model = build_model(tiny_llama_config())
     apply_lora(model, LoRAConfig(rank=2))
-    env, cfg, problems, ids = _setup(tiny_tokenizer, env_files, kl_coef=0.1, clip_eps=0.2)
+    env, cfg, problems, ids = _setup(tiny_tokenizer, env_files, reward="first_odd", kl_coef=0.1, clip_eps=0.2)
     metrics, batch = policy_gradient_step(model, tiny_tokenizer, env, problems, ids, cfg,
                                           torch.Generator().manual_seed(0),
                                           reference=lambda: adapters_disabled(model))
@@ -43,13 +44,16 @@ def test_step_fills_grads_and_reports_metrics(tiny_tokenizer, env_files):
     for k in ("reward", "accuracy", "frac_constant_groups", "response_len", "ratio_mean", "entropy",
               "sample_tokens_per_s", "train_tokens_per_s", "kl", "clip_frac", "frac_no_answer"):
         assert k in metrics
-    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # on-policy, first step
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # on-policy, first step
+    assert metrics["log_ratio_max"] < 1e-5
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0: adapters change nothing yet
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    if metrics["frac_constant_groups"] < 1:
-        assert any(g is not None and g.abs().sum() > 0 for g in grads)
-    else:
-        assert all(g is None for g in grads)
+    assert 0 < metrics["frac_constant_groups"] < 1  # this seed: some groups carry signal, some none
+    # at B = 0 the loss's gradient reaches every B (through A x) and no A (it flows through B = 0)
+    lora = [(n, p.grad) for n, p in model.named_parameters() if ".lora_" in n]
+    assert lora and all(g is not None for _, g in lora)
+    assert all(bool((g != 0).any()) for n, g in lora if ".lora_B" in n)
+    assert all(bool((g == 0).all()) for n, g in lora if ".lora_A" in n)
+    assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)  # base frozen
 
 
 def test_all_constant_groups_give_no_gradient(tiny_tokenizer, env_files, tmp_path):
@@ -89,13 +93,44 @@ def test_policy_gradient_raises_reward(tiny_tokenizer, env_files):
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, rewards
 
 
-def test_greedy_eval_and_prompt_length_check(tiny_tokenizer, env_files):
-    model = build_model(tiny_llama_config())
-    env, _, _, _ = _setup(tiny_tokenizer, env_files)
-    problems, ids, _ = encode_problems(tiny_tokenizer, env.eval, 200, "eval")
+WORDS = ("a", "story", "about", "cats", "dogs", "and", "birds", "now", "then")
+
+
+@torch.no_grad()
+def _greedy_reference(model, tok, prompt: list[int], max_new_tokens: int) -> tuple[str, int]:
+    """Greedy decoding by full recompute (no cache, no padding): (text, number of tokens)."""
+    ids, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        t = int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+        out.append(t)
+        ids.append(t)
+        if t == tok.eos_token_id:
+            break
+    return tok.decode(out, skip_special_tokens=True), len(out)
+
+
+def test_greedy_eval_matches_decoding_by_recompute(tiny_tokenizer, tmp_path):
+    """Accuracy, response length and the pairing of problems with completions, against decoding by recompute;
+    the reward mixes the completion's first character with the problem's answer, so it varies either way."""
+    data = tmp_path / "e.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Tell me {w}", "answer": str(i)})
+                              for i, w in enumerate(WORDS)))
+    (tmp_path / "mix.py").write_text("def mix(completion, answer):\n"
+                                     "    return float((ord((completion or ' ')[0]) + int(answer)) % 2 == 1)\n")
+    env = make_env(f"{data},reward={tmp_path / 'mix.py'}:mix", seed=0, train_size=8, eval_size=1)
+    problems, ids, _ = encode_problems(tiny_tokenizer, env.train, 200, "eval")
+    model = build_model(tiny_llama_config(tie_word_embeddings=False), seed=3)
     res = greedy_eval(model, tiny_tokenizer, env, problems, ids, max_new_tokens=6, batch_size=3)
-    assert res.n == 4 and 0.0 <= res.accuracy <= 1.0
-    again = greedy_eval(model, tiny_tokenizer, env, problems, ids, max_new_tokens=6, batch_size=4)
-    assert again.accuracy == res.accuracy
+    ref = [_greedy_reference(model, tiny_tokenizer, p, 6) for p in ids]
+    rewards = [env.grade(p, text).reward for p, (text, _) in zip(problems, ref)]
+    assert 0 < sum(rewards) < len(rewards)  # some right, some wrong
+    assert res.n == len(problems) == 8 and res.accuracy == sum(rewards) / 8
+    assert res.response_len == sum(n for _, n in ref) / 8
+    again = greedy_eval(model, tiny_tokenizer, env, problems, ids, max_new_tokens=6, batch_size=8)
+    assert again == res  # batching changes nothing
+
+
+def test_prompt_length_check(tiny_tokenizer, env_files):
+    env, _, _, _ = _setup(tiny_tokenizer, env_files)
     with pytest.raises(UserError, match="longer than the context"):
         encode_problems(tiny_tokenizer, env.eval, 3, "eval")
