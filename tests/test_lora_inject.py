@@ -233,3 +233,87 @@ def test_meta_device_targets():
     # each 8·4·(32 + 16) = 1536
     assert sum(t.lora_params for t in targets) == 2 * (1792 + 3 * 1536)
     assert all(t.rank == 4 for t in targets if t.group == "experts")
+
+
+# ---- targets by structure: presets by role, unadapted weights listed, weights regretless cannot adapt
+
+
+def test_presets_by_role_on_blocks_named_mixer():
+    """NemotronH names every block's module `mixer`: roles come from what the module is, not its name."""
+    from test_lora_architectures import ARCHS
+
+    model = build_model(ARCHS["nemotron_h"][0]())
+    leaf = {p: {t.name.split("layers.", 1)[1] + (f".{t.param}" if t.param else "") + (f"[{t.part}]" if t.part
+                                                                                       else "")
+                for t in find_targets(model, LoRAConfig(rank=2, targets=p))} for p in ("attn", "mlp", "all")}
+    assert leaf["attn"] == {f"2.mixer.{x}_proj" for x in "qkvo"}
+    assert leaf["mlp"] == {"1.mixer.experts.up_proj", "1.mixer.experts.down_proj", "1.mixer.shared_experts.up_proj",
+                           "1.mixer.shared_experts.down_proj", "3.mixer.up_proj", "3.mixer.down_proj"}
+    assert leaf["all"] == leaf["attn"] | leaf["mlp"] | {"0.mixer.in_proj", "0.mixer.out_proj"}  # + the SSM
+
+
+def test_layer_level_matrices_are_found():
+    """OPT keeps fc1/fc2 on the decoder layer itself (no mlp module): they are the MLP."""
+    from test_lora_architectures import ARCHS
+
+    model = build_model(ARCHS["opt"][0]())
+    names = {t.name.rsplit(".", 1)[-1] for t in find_targets(model, LoRAConfig(rank=2, targets="mlp"))}
+    assert names == {"fc1", "fc2"}
+
+
+def test_coverage_table_lists_what_was_left_and_why():
+    model = build_model(tiny_qwen3_moe_config())
+    report = apply_lora(model, LoRAConfig(rank=4, exclude="k_proj"))
+    rows = {(r["reason"], r["pattern"]): r for r in report.left_rows()}
+    assert rows[("router", "model.layers.*.mlp.gate.weight")]["tensors"] == 2
+    assert rows[("excluded", "model.layers.*.self_attn.k_proj.weight")]["params"] == 2 * 32 * 16
+    assert rows[("norm", "model.layers.*.input_layernorm.weight")]["tensors"] == 2
+    assert {("embed", "model.embed_tokens.weight"), ("head", "lm_head.weight")} <= set(rows)
+    assert not any(t.name.endswith("k_proj") for t in report.targets)
+    table = report.table()
+    for text in ("left unadapted:", "router: routing stays as trained", "excluded by lora.exclude",
+                 "model.layers.*.mlp.gate.weight: 2 tensors, 512 params"):
+        assert text in table, text
+    # every parameter of the model is either adapted or listed as left
+    adapted = {f"{t.name}.{t.param or 'weight'}" for t in report.targets}
+    listed = {r.name.split("[")[0] for r in report.left}
+    names = {n.replace(".base_layer", "") for n, _ in model.named_parameters() if ".lora_" not in n}
+    assert names <= adapted | listed
+
+
+class _RawMLP(torch.nn.Module):
+    """An MLP that keeps its matrices as bare parameters: nothing regretless knows how to wrap."""
+
+    def __init__(self, H: int, inter: int):
+        super().__init__()
+        self.w_in = torch.nn.Parameter(torch.randn(inter, H) * 0.1)
+        self.w_out = torch.nn.Parameter(torch.randn(H, inter) * 0.1)
+
+    def forward(self, x):
+        return torch.nn.functional.silu(x @ self.w_in.T) @ self.w_out.T
+
+
+def test_weights_regretless_cannot_adapt_are_an_error_with_an_override():
+    model = build_model(tiny_llama_config())
+    for layer in model.model.layers:
+        layer.mlp = _RawMLP(32, 64)
+    with pytest.raises(UserError) as e:
+        apply_lora(model, LoRAConfig(rank=4))
+    msg = _one_line(e)
+    assert "cannot adapt" in msg and "model.layers.*.mlp.w_in" in msg and "lora.exclude=" in msg
+    assert not list(lora_modules(model))  # nothing applied
+    report = apply_lora(model, LoRAConfig(rank=4, exclude=r".*mlp\.w_(in|out)"))
+    assert {r["reason"] for r in report.left_rows() if "mlp.w_" in r["pattern"]} == {"excluded"}
+    assert {r["group"] for r in report.rows()} == {"attn"}
+    # explicit targets do not demand coverage: naming what to adapt is the user's choice
+    find_targets(build_model(tiny_llama_config()), LoRAConfig(rank=4, targets="q_proj"))
+
+
+def test_experts_per_token_from_the_router_or_a_nested_text_config():
+    """top-k comes from where the model keeps it: the router's top_k, else the text config (Qwen3-VL-MoE keeps
+    num_experts_per_tok in text_config); the expert rank follows."""
+    model = build_model(tiny_qwen3_moe_config(num_experts_per_tok=4))
+    assert {t.rank for t in find_targets(model, LoRAConfig(rank=8)) if t.group == "experts"} == {2}
+    for layer in model.model.layers:
+        layer.mlp.gate.top_k = 8  # the router is what routes
+    assert {t.rank for t in find_targets(model, LoRAConfig(rank=8)) if t.group == "experts"} == {1}

@@ -90,11 +90,11 @@ def plan(model: nn.Module, cfg: LoRAConfig) -> tuple[list[Target], list[Left], S
         unmatched -= set(hits)
         n = u.n_experts * u.d_in * u.d_out
         if any(matches(u.name, u.param, x) for x in excludes):
-            left.append(Left(u.path + (f"[{u.part}]" if u.part else ""), n, "excluded"))
+            left.append(Left(_weight_path(u), n, "excluded"))
             continue
         if not hits:
             if u.in_block and u.role not in ("router",):
-                left.append(Left(u.path + (f"[{u.part}]" if u.part else ""), n, "preset"))
+                left.append(Left(_weight_path(u), n, "preset"))
             continue
         rank = (cfg.expert_rank or max(1, cfg.rank // u.top_k)) if u.role == "experts" else cfg.rank
         if rank > min(u.d_in, u.d_out):
@@ -121,6 +121,11 @@ def plan(model: nn.Module, cfg: LoRAConfig) -> tuple[list[Target], list[Left], S
     return found, left, s
 
 
+def _weight_path(u) -> str:
+    """The parameter a unit stands for: `<module>.weight`, `<module>.<param>`, `<module>.gate_up_proj[gate]`."""
+    return (f"{u.name}.{u.param}" if u.param else f"{u.name}.weight") + (f"[{u.part}]" if u.part else "")
+
+
 def find_targets(model: nn.Module, cfg: LoRAConfig) -> list[Target]:
     """The matrices `cfg` selects, with their shapes and ranks. Works on a model on the meta device."""
     return plan(model, cfg)[0]
@@ -136,7 +141,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, targets: list[Target] | None =
     else:  # targets from an adapter file
         s = scan(model)
         chosen = {(t.name, t.param, t.part) for t in targets} | {(t.name, t.param, None) for t in targets}
-        left = list(s.left) + [Left(u.path + (f"[{u.part}]" if u.part else ""), u.n_experts * u.d_in * u.d_out,
+        left = list(s.left) + [Left(_weight_path(u), u.n_experts * u.d_in * u.d_out,
                                     "adapter") for u in s.units if u.in_block and u.role != "router"
                                and (u.name, u.param, u.part) not in chosen and (u.name, u.param, None) not in chosen]
     model_params = sum(p.numel() for p in model.parameters())
@@ -292,5 +297,5 @@ class LoRAReport:
                 lines.append(f"  {REASONS[reason]}: {sum(r['params'] for r in group):,} params in "
                              f"{sum(r['tensors'] for r in group)} tensors")
                 for r in group:
-                    lines.append(f"    {r['pattern']} ({r['tensors']} x, {r['params']:,})")
+                    lines.append(f"    {r['pattern']}: {r['tensors']} tensors, {r['params']:,} params")
         return "\n".join(lines)
