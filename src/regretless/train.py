@@ -70,14 +70,23 @@ def setup_policy(cfg: Any):
             n = freeze_embeddings(model)
             log(f"freeze_embeddings: {n:,} parameters of the input embeddings and LM head stay fixed")
     if cfg.gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise UserError(f"gradient_checkpointing: {type(model).__name__} does not support it in transformers")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if cfg.compile:
         trunk = getattr(model, "base_model", model)
         trunk.compile()  # in place: parameter names, checkpoints and adapters are unchanged
         log("torch.compile: the transformer trunk is compiled on first use")
     return model, tok, path, device, amp, report
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' activation checkpointing of every decoder layer, with torch's non-reentrant checkpoint."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"field 'gradient_checkpointing': {type(model).__name__} does not support it in transformers")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def freeze_embeddings(model: torch.nn.Module) -> int:
