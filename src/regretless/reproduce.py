@@ -109,15 +109,16 @@ STANDARD = Preset(
 )
 FULL = Preset(
     name="full",
-    description="SmolLM2-135M-Instruct, 4,000 GSM-style worked solutions, ranks 1-256 vs FullFT, batch 8 vs 128, "
-                "placement, RL rank 1 vs FullFT; one GPU",
-    model="smollm2-135m", data="gsm-symbolic:4256", env="rg:chain_sum,min_terms=2,max_terms=2,max_digits=2",
+    description="SmolLM2-135M-Instruct, 2,000 GSM-style worked solutions (250 steps of 8), ranks 1-256 vs FullFT, "
+                "batch 8 vs 64, placement, RL rank 1 vs FullFT",
+    model="smollm2-135m", data="gsm-symbolic:2256", env="rg:chain_sum,min_terms=2,max_terms=2,max_digits=2",
     sft={"epochs": 1.0, "batch_size": 8, "seq_len": 384, "eval_size": 256, "eval_points": 10,
          "save_every": 100_000, "eval_every": 100_000},
-    rl={"steps": 60, "problems_per_step": 16, "group_size": 8, "max_new_tokens": 32, "train_size": 4000,
-        "eval_size": 256, "eval_every": 10, "save_every": 100_000},
-    ranks=(1, 4, 16, 64, 256), large_batch=128, placement_rank=64, budget="one H200, <= 25 minutes",
-    scale_note="A 135M model and 500 steps: larger than quick, still far below the paper's 8B models.",
+    rl={"steps": 40, "problems_per_step": 16, "group_size": 8, "max_new_tokens": 32, "train_size": 2000,
+        "eval_size": 256, "eval_every": 8, "save_every": 100_000},
+    ranks=(1, 16, 256), large_batch=64, placement_rank=16, budget="one H200, <= 25 minutes",
+    scale_note="A 135M model and 250 steps of 8: larger than quick, far below the paper's 8B models and "
+               "thousands of steps; the large batch (64) is small by the paper's standard (1024+).",
 )
 PRESETS: dict[str, Preset] = {"quick": QUICK, "standard": STANDARD, "full": FULL}
 
@@ -203,6 +204,27 @@ def materialize_data(spec: str, data_dir: Path, seed: int = 0) -> Path | str:
         rows = [json.dumps({"messages": ex["messages"]}) for ex in load_examples(spec, seed=seed)]
         atomic_write_text(path, "\n".join(rows) + "\n")
     return path
+
+
+def materialize_env(spec: str, data_dir: Path, seed: int, train_size: int, eval_size: int) -> str:
+    """A reasoning-gym env (`rg:task,...`) written once as a JSONL file of {"prompt", "answer"} lines (the
+    same problems; the trainer's JSONL env splits them into train and held-out eval), so every RL run reads a
+    file and runs need no problem generator (e.g. on a GPU machine without reasoning-gym). Anything else, and
+    a spec with its own reward, is returned unchanged."""
+    from regretless.config import atomic_write_text
+    from regretless.rl.envs import make_env, parse_spec
+
+    source, reward = parse_spec(spec)
+    if not source.startswith("rg:") or reward:
+        return spec
+    safe = "".join(ch if ch.isalnum() or ch in "-_=" else "_" for ch in source[3:])
+    path = Path(data_dir).resolve() / f"env-{safe}-seed{seed}-{train_size}+{eval_size}.jsonl"
+    if not path.is_file():
+        env = make_env(spec, seed, train_size, eval_size)
+        rows = [json.dumps({"prompt": p.prompt_messages[-1]["content"], "answer": p.answer})
+                for p in [*env.eval, *env.train]]
+        atomic_write_text(path, "\n".join(rows) + "\n")
+    return str(path)
 
 
 def count_examples(data: str | Path) -> int:
@@ -383,7 +405,11 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
     sft_data = data or p.data
     out.mkdir(parents=True, exist_ok=True)
     sft_base = {**copy.deepcopy(p.sft), "model": str(model_path), "data": str(materialize_data(sft_data, out / "data"))}
-    rl_base = {**copy.deepcopy(p.rl), "model": str(model_path), "env": env or p.env}
+    rl_env = env or p.env
+    rl_base = {**copy.deepcopy(p.rl), "model": str(model_path)}
+    if "rl" in findings:
+        rl_base["env"] = materialize_env(rl_env, out / "data", int(p.rl.get("data_seed", 0)),
+                                         int(p.rl.get("train_size", 2000)), int(p.rl.get("eval_size", 64)))
     n_train = count_examples(sft_base["data"]) - int(sft_base.get("eval_size", 64)) if any(
         f != "rl" for f in findings) else 0
     if any(f != "rl" for f in findings) and n_train < int(sft_base.get("batch_size", 8)):
@@ -399,7 +425,7 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
     plan = Plan()
     status: dict[str, str] = {}
     context = {"preset": p.name, "description": p.description, "budget": p.budget, "scale_note": p.scale_note,
-               "model": {"name": model_name, **facts}, "data": str(sft_data), "env": rl_base["env"],
+               "model": {"name": model_name, **facts}, "data": str(sft_data), "env": rl_env,
                "n_train": n_train, "seeds": list(p.seeds), "freeze_embeddings": freeze, "findings": list(findings),
                "sft": {k: v for k, v in sft_base.items() if k != "model"},
                "rl": {k: v for k, v in rl_base.items() if k != "model"}}
