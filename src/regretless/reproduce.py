@@ -96,15 +96,15 @@ QUICK = Preset(
 )
 STANDARD = Preset(
     name="standard",
-    description="SmolLM2-135M-Instruct, 30 steps of 8 chatterbot dialogs, LoRA ranks 1-64 vs FullFT, "
+    description="SmolLM2-135M-Instruct, 24 steps of 8 chatterbot dialogs, LoRA ranks 1-64 vs FullFT, "
                 "placement (batch and RL do not fit 2 CPU cores in 2 hours)",
     model="smollm2-135m", data="chatterbot", env="rg:chain_sum,min_terms=2,max_terms=2,max_digits=2",
-    sft={**_CPU, "batch_size": 8, "seq_len": 128, "eval_size": 32, "eval_points": 8, "steps": 30},
+    sft={**_CPU, "batch_size": 8, "seq_len": 128, "eval_size": 32, "eval_points": 8, "steps": 24},
     rl={**_CPU, "steps": 16, "problems_per_step": 8, "group_size": 4, "max_new_tokens": 24, "train_size": 1000,
         "eval_size": 200, "eval_every": 4},
     ranks=(1, 16, 64), large_batch=32, placement_rank=16, budget="2 CPU cores, <= 2 hours",
     findings=("capacity", "lr_ratio", "placement"),
-    scale_note="A 135M model and 30 steps of 8 short dialogs: very short runs, where the paper expects ~15x "
+    scale_note="A 135M model and 24 steps of 8 short dialogs: very short runs, where the paper expects ~15x "
                "rather than 10x, and too few steps for a capacity limit to show at moderate rank.",
 )
 FULL = Preset(
