@@ -247,11 +247,12 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
             plans[epoch] = step_plan(lengths, cfg.batch_size, micro, cfg.seq_len, cfg.packing, cfg.seed, epoch)
         return [collate([[train_tok[i] for i in row] for row in mb], cfg.packing, pad) for mb in plans[epoch][s]]
 
-    def finish(status: str, step: int) -> dict:
+    def finish(status: str, step: int, reason: str | None = None) -> dict:
         summary = {"status": status, "steps": step, "final_loss": state["last_loss"],
                    "final_eval_loss": state["last_eval"], "best_eval_loss": state["best_eval"],
                    "trainable_params": trainable, "lr": lr, "tokens": state["tokens"],
-                   "wall_s": round(state["wall_s"], 2), "lora_rank": cfg.lora.rank if cfg.lora else None}
+                   "wall_s": round(state["wall_s"], 2), "lora_rank": cfg.lora.rank if cfg.lora else None,
+                   "reason": reason}
         write_summary(out, summary)
         metrics.close()
         return summary
@@ -283,13 +284,15 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
         loss = loss_sum / max(n_tok, 1)
         if state["first_loss"] is None:
             state["first_loss"] = loss
-        if not math.isfinite(loss) or loss > cfg.divergence_factor * state["first_loss"]:
+        first = state["first_loss"]
+        if not math.isfinite(loss) or loss > cfg.divergence_factor * first:
             optimizer.zero_grad(set_to_none=True)
             bar.close()
             log(f"step {step + 1}: loss {loss:.4g} diverged (first loss {state['first_loss']:.4g}); stopped, "
                 f"last good checkpoint kept")
             state["last_loss"] = loss if math.isfinite(loss) else None
-            return finish("diverged", step)
+            return finish("diverged", step, f"loss {loss:.4g} at step {step + 1}: not finite or above "
+                                            f"divergence_factor={cfg.divergence_factor:g} x the first {first:.4g}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":

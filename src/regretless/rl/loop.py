@@ -179,7 +179,7 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
         state["episodes"] += cfg.problems_per_step * cfg.group_size
         state["last_reward"] = m["reward"]
         rec = {"step": step + 1, **{k: m[k] for k in METRIC_KEYS}, "lr": cur_lr, "pg_loss": m["pg_loss"],
-               "kl": m["kl"], "clip_frac": m["clip_frac"],
+               "kl": m["kl"], "clip_frac": m["clip_frac"], "log_ratio_max": m["log_ratio_max"],
                "grad_norm": gnorm, "frac_no_answer": m["frac_no_answer"], "frac_stopped": m["frac_stopped"],
                "episodes": state["episodes"], "peak_mem_mb": round(peak_mem_mb(device), 1)}
         if eval_problems and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
