@@ -49,3 +49,15 @@ def test_bare_assets_lists(capsys):
     assert main(["assets"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("cache: ") and "smollm2-135m" in out and "tiny-base" in out
+
+
+def test_only_the_command_run_is_imported():
+    """`regretless assets` and `regretless --help` start without torch: only the chosen command's module loads."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom regretless.cli import main\nrc = main(['assets'])\n"
+            "mods = sorted(m for m in sys.modules if m.startswith('regretless.commands.'))\n"
+            "print(rc, 'torch' in sys.modules, mods)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert res.stdout.strip().splitlines()[-1] == "0 False ['regretless.commands.assets']", res.stdout + res.stderr

@@ -14,20 +14,33 @@ Run `regretless COMMAND --help` for a command's options and examples. Exit statu
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import os
 import sys
 
 COMMANDS = ["sft", "rl", "generate", "recommend", "merge", "assets", "sweep", "report", "reproduce"]
 
 
+def command_doc(name: str) -> str:
+    """A command module's docstring, read from its source without importing it (imports pull in torch)."""
+    spec = importlib.util.find_spec(f"regretless.commands.{name}")
+    with open(spec.origin, encoding="utf-8") as f:
+        return ast.get_docstring(ast.parse(f.read())) or name
+
+
 # Each subcommand lives in `regretless/commands/<name>.py` and defines `add_arguments(parser)` and
 # `run(args) -> int | None`; its module docstring is its --help text (first line: the one-line help).
-def build_parser() -> argparse.ArgumentParser:
+# Only the module of the command being run is imported (`chosen`; None: all of them).
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="regretless", description=__doc__, formatter_class=raw)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
+        if chosen is not None and name != chosen:
+            sub.add_parser(name, help=command_doc(name).splitlines()[0], add_help=False)
+            continue
         mod = importlib.import_module(f"regretless.commands.{name}")
         doc = (mod.__doc__ or name).strip().splitlines()[0]
         p = sub.add_parser(name, help=doc, description=mod.__doc__, formatter_class=raw)
@@ -41,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    chosen = next((w for w in words if not w.startswith("-")), None)
+    args = build_parser(chosen if chosen in COMMANDS else "").parse_args(argv)
     try:
         rc = args._run(args)
     except UserError as e:
