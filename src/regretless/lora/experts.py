@@ -12,10 +12,11 @@ storage does not halve the rank: per layer E·r_e·3·(H + I) LoRA parameters. A
 (key `gate_up`, one rank for both halves) is supported as well. The router is never adapted here.
 
 The forward never forms ΔW_e = B_e·A_e: tokens are sorted by expert and each expert's low-rank path runs on its
-routed tokens only, (x_e·A_eᵀ)·B_eᵀ. On CUDA, and whenever torch.compile traces it, the routed path has no host
-sync: sorted routing, expert counts kept on the device, `grouped_mm` (or a static per-expert masked loop where
-grouped_mm cannot run), masks instead of boolean indexing. Eager CPU keeps a loop over the experts that got
-tokens (one sync; as fast as grouped_mm there and never slower on odd shapes).
+routed tokens only, (x_e·A_eᵀ)·B_eᵀ. The routed path has no host sync: sorted routing, expert counts kept on the
+device, `grouped_mm`, masks instead of boolean indexing; under torch.compile, where grouped_mm cannot run (fp32),
+a static loop over the experts. Only eager shapes or dtypes grouped_mm cannot take (fp32 on CUDA, unaligned
+dims) use a loop over the experts that got tokens (one sync). grouped_mm also beat that loop on CPU (measured:
+E=64, top-8, H=512, I=256, 512 tokens, forward+backward 1.4 s vs 2.5 s of CPU time), so CPU uses it too.
 """
 
 from __future__ import annotations
@@ -120,18 +121,21 @@ def _pad_rank(A: torch.Tensor, B: torch.Tensor, mult: int) -> tuple[torch.Tensor
 
 
 def routing_mode(x: torch.Tensor, w: torch.Tensor) -> str:
-    """How the routed path multiplies: `grouped` (grouped_mm, sync-free), `masked` (a static loop over the
-    experts, sync-free, E x the compute: only where torch.compile traces a dtype grouped_mm cannot take) or `loop`
-    (eager: a loop over the experts that got tokens, one host sync)."""
+    """How the routed path multiplies: `grouped` (grouped_mm: sync-free, and on CPU also faster than the loop,
+    measured), `loop` (eager, where grouped_mm cannot take the shapes or dtype: one matmul per expert that got
+    tokens, one host sync) or `masked` (under torch.compile where grouped_mm cannot run: a static loop over all
+    experts, sync-free, E x the compute)."""
     compiling = torch.compiler.is_compiling()
-    if (x.is_cuda or compiling) and _grouped_mm_ok(x, w, compiling):
+    if _grouped_mm_ok(x, w, compiling):
         return "grouped"
     return "masked" if compiling else "loop"
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, compiling: bool = False) -> bool:
-    """grouped_mm needs 16-byte aligned strides; its CUDA kernels and its compiled form need bf16."""
+    """grouped_mm needs 16-byte aligned strides and fp32/bf16/fp16; its CUDA kernels and compiled form bf16."""
     if not hasattr(torch.nn.functional, "grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if (x.is_cuda or compiling) and x.dtype != torch.bfloat16:
         return False
@@ -163,14 +167,11 @@ class Routing:
 
     def mm(self, x_S: torch.Tensor, w_E_in_out: torch.Tensor) -> torch.Tensor:
         """Row s of the result is x[s] @ w[expert(s)]; rows of invalid slots are unspecified (mask them)."""
-        if self.counts is not None:
-            out = x_S.new_zeros(x_S.shape[0], w_E_in_out.shape[-1])
-            start = 0
-            for e, n in enumerate(self.counts):
-                if n:
-                    out[start:start + n] = x_S[start:start + n] @ w_E_in_out[e]
-                    start += n
-            return out
+        if self.counts is not None:  # one matmul per expert that got tokens; split/cat keep the backward cheap
+            tail = x_S.shape[0] - sum(self.counts)  # unrouted (sentinel) rows sort last
+            chunks = x_S.split([*self.counts, tail])
+            parts = [c @ w_E_in_out[e] for e, c in enumerate(chunks[:-1]) if c.shape[0]]
+            return torch.cat([*parts, x_S.new_zeros(tail, w_E_in_out.shape[-1])])
         if self.mode == "grouped" and _grouped_mm_ok(x_S, w_E_in_out, torch.compiler.is_compiling()):
             return torch.nn.functional.grouped_mm(x_S, w_E_in_out, offs=self.offsets_E)
         out = x_S.new_zeros(x_S.shape[0], w_E_in_out.shape[-1])
