@@ -89,8 +89,9 @@ def test_cli_bad_input_is_one_line(tiny_llama_dir, tmp_path, capsys):
     rc = main(["rl", "--model", str(tiny_llama_dir), "--env", "rg:not_a_task", "--out", str(tmp_path / "x"),
                "--rank", "2"])
     assert rc == 2 and "rg:chain_sum" in capsys.readouterr().err
-    rc = main(["rl", "--model", str(tiny_llama_dir), "--env", "rg:chain_sum", "--out", str(tmp_path / "x")])
-    err = capsys.readouterr().err  # the default rank 32 is larger than this model's k_proj: said before loading
+    rc = main(["rl", "--model", str(tiny_llama_dir), "--env", "rg:chain_sum", "--out", str(tmp_path / "x"),
+               "--rank", "32"])
+    err = capsys.readouterr().err  # rank 32 is larger than this model's k_proj: said before loading
     assert rc == 2 and "rank 32" in err and "k_proj" in err and not (tmp_path / "x").exists()
     rc = main(["rl", "--model", str(tiny_llama_dir), "--env", "rg:chain_sum", "--out", str(tmp_path / "y"),
                "--max-new-tokens", "250", "--rank", "2", "train_size=4", "eval_size=1"])

@@ -21,6 +21,7 @@ import yaml
 
 from regretless.errors import UserError
 from regretless.lora.config import LoRAConfig
+from regretless.recipe import RL_RANK
 
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")  # experiment trackers (regretless.tracking)
 
@@ -82,6 +83,7 @@ class SFTConfig(TrainCommon):
 
 @dataclass(frozen=True)
 class RLConfig(TrainCommon):
+    lora: LoRAConfig | None = field(default_factory=lambda: LoRAConfig(rank=RL_RANK))  # the recipe's RL rank
     env: str = "rg:chain_sum"
     steps: int = 50
     problems_per_step: int = 8

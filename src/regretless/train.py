@@ -101,9 +101,11 @@ def freeze_embeddings(model: torch.nn.Module) -> int:
 def resolve_lr(cfg: Any, model, steps: int | None) -> float:
     if cfg.lr is not None:
         return cfg.lr
+    from regretless.config import RLConfig
     from regretless.recipe import default_lr
 
-    lr, reason = default_lr(model.config, "lora" if cfg.lora is not None else "full", steps)
+    lr, reason = default_lr(model.config, "lora" if cfg.lora is not None else "full", steps,
+                            task="rl" if isinstance(cfg, RLConfig) else "sft")
     log(f"lr = {lr:.3g} from the recipe: {reason}")
     return lr
 
@@ -202,7 +204,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
 
 
 def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], eval_ex: list[dict]) -> dict:
-    from regretless import data
+    from regretless import data, progress, tracking
 
     seed_everything(cfg.seed)
     model, tok, model_path, device, amp, _ = setup_policy(cfg)
@@ -228,6 +230,7 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
     state = {"tokens": 0, "first_loss": None, "last_loss": None, "best_eval": None, "last_eval": None,
              "wall_s": 0.0}
     start, ckpt, metrics = restore(out, model, optimizer, state, resume)
+    metrics = progress.lines(tracking.track(metrics, cfg, out), total, start, "sft")  # + trackers, progress lines
     if start:
         log(f"resumed from step {start}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -318,7 +321,5 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
     save_final(model, tok, cfg, out, model_path)
     ckpt.save(total, model, optimizer, state)
     summary = finish("done", total)
-    ev = state["last_eval"]
-    log(f"done: final loss {state['last_loss']:.4f}, eval loss {'-' if ev is None else f'{ev:.4f}'}, "
-        f"files in {out}")
+    log(progress.final_line(summary, out))
     return summary

@@ -17,13 +17,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local HF folder, .gguf file, or built-in name (smollm2-135m)")
     p.add_argument("--out", help="run folder (config.yaml, metrics.jsonl, checkpoints, adapter/ or model/)")
     m = p.add_mutually_exclusive_group()
-    m.add_argument("--rank", type=int, help="LoRA rank (default 32)")
+    m.add_argument("--rank", type=int, help="LoRA rank (default: 32 for sft, 1 for rl)")
     m.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--targets", help="LoRA targets: all | mlp | attn | comma-separated module names or regexes")
     p.add_argument("--lr", type=float, help="learning rate (default: the recipe's, printed)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--report-to", help="also log metrics to tensorboard | wandb | mlflow (comma-separated)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward: less memory, about a third more compute")
     p.add_argument("--freeze-embeddings", action="store_true",
@@ -34,6 +35,7 @@ def build_config(cls: type, args: argparse.Namespace, flags: dict[str, str]) -> 
     """flags maps argparse dest -> config field for the command's own flags."""
     values: dict[str, Any] = {}
     for dest, field in {"model": "model", "out": "out", "lr": "lr", "seed": "seed", "device": "device",
+                        "report_to": "report_to",
                         "gradient_checkpointing": "gradient_checkpointing",
                         "freeze_embeddings": "freeze_embeddings", **flags}.items():
         v = getattr(args, dest, None)

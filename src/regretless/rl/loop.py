@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from regretless import progress, tracking
 from regretless.config import RLConfig
 from regretless.errors import UserError
 from regretless.lora import adapters_disabled
@@ -118,6 +119,7 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
                              "episodes": 0, "wall_s": 0.0, "collapse": collapse.new_tracker()}
     vocab = model.get_output_embeddings().weight.shape[0]
     start, ckpt, metrics = restore(out, model, optimizer, state, resume)
+    metrics = progress.lines(tracking.track(metrics, cfg, out), cfg.steps, start, "rl")  # + trackers, progress
     if start:
         log(f"resumed from step {start}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -204,5 +206,5 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
     save_final(model, tok, cfg, out, model_path)
     ckpt.save(cfg.steps, model, optimizer, state)
     summary = finish("done", cfg.steps)
-    log(f"done: eval accuracy {state['first_eval']} -> {state['last_eval']}, files in {out}")
+    log(progress.final_line(summary, out))
     return summary
