@@ -73,3 +73,31 @@ def test_fmt_and_final_line_round():
                               "final_eval_accuracy": 0.2109375, "final_reward": 0.40625, "wall_s": 300}, "o")
     assert "eval accuracy at start 0.125" in rl and "eval accuracy 0.2109" in rl and "5m00s" in rl
     json.dumps(summary)  # the summary itself is untouched
+
+
+def test_sft_cli_with_stderr_to_a_file_prints_progress_lines(tiny_llama_dir, tmp_path):
+    """A real `regretless sft` whose stderr is a file (not a terminal): progress lines and a rounded last line."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
+                                                     {"role": "assistant", "content": f"hello {i}"}]}) + "\n"
+                            for i in range(30)))
+    out = tmp_path / "run"
+    with open(tmp_path / "err.log", "w") as err:
+        res = subprocess.run([sys.executable, "-m", "regretless.cli", "sft", "--model", str(tiny_llama_dir),
+                              "--data", str(data), "--out", str(out), "--steps", "3", "--rank", "2",
+                              "--lr", "1e-3", "--device", "cpu", "batch_size=4", "eval_size=4", "seq_len=32"],
+                             stderr=err, stdout=subprocess.PIPE, text=True, timeout=300, check=False,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "REGRETLESS_PROGRESS_S": "0"})
+    log = (tmp_path / "err.log").read_text()
+    assert res.returncode == 0, log
+    lines = [ln for ln in log.splitlines() if re.match(r"\[regretless\] sft step \d+/3 ", ln)]
+    assert [ln.split()[3] for ln in lines] == ["1/3", "2/3", "3/3"], log
+    assert all(" tok/s " in ln and " s/step " in ln for ln in lines)
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("[regretless] done: 3 steps, loss ") and f"files in {out}" in last
+    assert not re.search(r"\d\.\d{5,}", last), last  # rounded numbers

@@ -189,3 +189,49 @@ def test_missing_package_is_a_user_error_naming_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
     with pytest.raises(UserError, match="wandb needs the Python package 'wandb'; pip install 'regretless\\[track\\]'"):
         tracking.check_available("tensorboard,wandb")
+
+
+# ---------------------------------------------------------------- through the trainers
+def _chat(path: Path, n: int = 40) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                          {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_run_reports_every_metrics_line_to_all_three_trackers(tiny_llama_dir, tmp_path, offline):
+    from regretless.lora import LoRAConfig
+    from regretless.train import run_sft
+
+    out = tmp_path / "run"
+    cfg = SFTConfig(model=str(tiny_llama_dir), data=str(_chat(tmp_path / "chat.jsonl")), out=str(out), steps=4,
+                    batch_size=4, seq_len=64, eval_size=8, eval_every=2, lr=3e-3, lora=LoRAConfig(rank=4),
+                    device="cpu", report_to="tensorboard,wandb,mlflow")
+    assert run_sft(cfg)["status"] == "done"
+    expected = jsonl_scalars(out)
+    assert set(expected["loss"]) == {1, 2, 3, 4} and set(expected["eval_loss"]) == {0, 2, 4}
+    tb = tensorboard_scalars(out)
+    assert set(tb) == set(expected) and all(tb[k] == pytest.approx(v, rel=1e-6) for k, v in expected.items())
+    assert wandb_scalars(out)[0] == expected
+    state = json.loads((out / "tracking.json").read_text())
+    ml, params, status = mlflow_scalars(state["mlflow_tracking_uri"], state["mlflow_run_id"])
+    assert ml == expected and status == "FINISHED" and params["batch_size"] == "4"
+
+
+def test_rl_run_reports_to_tensorboard(tiny_llama_dir, tmp_path):
+    from regretless.config import RLConfig
+    from regretless.lora import LoRAConfig
+    from regretless.rl.loop import run_rl
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) for i in range(20)))
+    out = tmp_path / "rl"
+    cfg = RLConfig(model=str(tiny_llama_dir), env=str(data), out=str(out), lora=LoRAConfig(rank=2), lr=1e-2,
+                   steps=2, problems_per_step=2, group_size=2, max_new_tokens=4, eval_size=2, eval_every=1,
+                   train_size=10, device="cpu", report_to="tensorboard")
+    run_rl(cfg)
+    expected = jsonl_scalars(out)
+    assert {"reward", "pg_loss", "eval_accuracy"} <= set(expected) and set(expected["reward"]) == {1, 2}
+    tb = tensorboard_scalars(out)
+    assert set(tb) == set(expected) and all(tb[k] == pytest.approx(v, rel=1e-6, abs=1e-7)
+                                            for k, v in expected.items())
