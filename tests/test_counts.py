@@ -79,3 +79,31 @@ def test_lora_vs_full_flops_ratio_is_about_two_thirds():
     assert lora == 4 * (7 * L * N * N + N * V) + 7 * L * 6 * r * 2 * N
     assert 2 / 3 < lora / full < 2 / 3 + 2 * r / N + 1e-9
     assert lora / full == pytest.approx(2 / 3, abs=0.005)
+
+
+def test_flops_modulelist_moe_counts_active_experts_only():
+    """An old-style MoE (router + ModuleList of expert MLPs): each token runs top-2 of the 4 experts."""
+    from test_lora_experts import build_list_moe
+
+    model = build_list_moe()  # tiny Llama, tied head; per layer router 32 -> 4, experts gate/up 32 -> 16, down 16 -> 32
+    expert = 3 * 32 * 16
+    active = 2 * (3072 + 32 * 4 + 2 * expert) + 512 * 32
+    assert flops_per_token(model, None) == 6 * active
+    # LoRA rank 8: attention 8·224 per layer; experts rank 8 // 2 = 4: 3·4·(32 + 16) per active expert
+    assert flops_per_token(model, LoRAConfig(rank=8)) == 4 * active + 6 * 2 * (8 * 224 + 2 * 3 * 4 * 48)
+
+
+def test_moe_budget_on_a_real_size_model():
+    """Qwen3-30B-A3B's shapes on the meta device: per MoE layer E·(r/k)·3·(H + I) expert LoRA parameters,
+    128·(256/8)·3·(2048 + 768), and no router parameters."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                         num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                         num_experts_per_tok=8, vocab_size=151936)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    counts = count_params(model, LoRAConfig(rank=256))
+    assert counts["experts"] == 48 * 128 * (256 // 8) * 3 * (2048 + 768) == 1_660_944_384
+    assert counts["attn"] == 48 * 256 * ((2048 + 4096) + 2 * (2048 + 512) + (4096 + 2048))
+    assert "router" not in counts
