@@ -199,3 +199,24 @@ def test_block_diagonal_gate_up_is_split_again(tmp_path):
     load_adapter(fresh, tmp_path / "a")
     for (n1, p1), (n2, p2) in zip(lora_parameters(model), lora_parameters(fresh)):
         assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_export_per_expert_of_a_fused_peft_adapter(tmp_path):
+    """PEFT's fused gate_up adapter (one rank for both halves) exported per expert: gate and up share its A and
+    split its B's rows; regretless reads the export back as the same adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(build_model(tiny_qwen3_moe_config()),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                           target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    _randomize(peft_model.named_parameters(), seed=6)
+    want = _logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = build_model(tiny_qwen3_moe_config())
+    lora = load_adapter(model, tmp_path / "peft")
+    assert dict(lora_modules(model))["model.layers.0.mlp.experts"].ranks == {"gate_up": 4, "down": 4}
+    export_per_expert(model, tmp_path / "per-expert", lora)
+    fresh = build_model(tiny_qwen3_moe_config())
+    load_adapter(fresh, tmp_path / "per-expert")
+    assert dict(lora_modules(fresh))["model.layers.0.mlp.experts"].ranks == {"gate": 4, "up": 4, "down": 4}
+    assert (_logits(fresh) - want).abs().max() <= TOL

@@ -62,15 +62,16 @@ def _tensors(model: nn.Module, per_expert: bool) -> tuple[dict[str, torch.Tensor
         if per_expert:
             v4_path, leaves = pf.fused_to_v4(model, name)
             for key, (param, part, *_) in m.specs.items():
-                leaf = leaves.get((param, part)) or {"gate_up": None, "up": "up_proj"}.get(key) or f"{key}_proj"
-                if key == "gate_up":
-                    raise UserError(f"{name}: a fused gate_up adapter (one rank for gate and up) has no per-expert "
-                                    "layout; split it by saving from regretless-trained gate/up adapters")
                 A, B = m.lora_A(key).detach(), m.lora_B(key).detach()  # (E, r, in), (E, out, r)
-                for e in range(m.num_experts):
-                    sd[f"{PREFIX}{v4_path}.{e}.{leaf}.lora_A.weight"] = A[e]
-                    sd[f"{PREFIX}{v4_path}.{e}.{leaf}.lora_B.weight"] = B[e]
-                    entries.append((f"{v4_path}.{e}.{leaf}", m.ranks[key], m.scales[key], "module"))
+                # a fused gate_up adapter (PEFT's one rank for both halves) becomes gate and up adapters that
+                # share its A, each with its half of B's rows: the same ΔW
+                halves = [(p, B[:, m.layout.rows(p)]) for p in ("gate", "up")] if key == "gate_up" else [(part, B)]
+                for half, Bh in halves:
+                    leaf = leaves.get((param, half)) or ("up_proj" if param == "up_proj" else f"{half or key}_proj")
+                    for e in range(m.num_experts):
+                        sd[f"{PREFIX}{v4_path}.{e}.{leaf}.lora_A.weight"] = A[e].clone()  # own storage each
+                        sd[f"{PREFIX}{v4_path}.{e}.{leaf}.lora_B.weight"] = Bh[e].clone()
+                        entries.append((f"{v4_path}.{e}.{leaf}", m.ranks[key], m.scales[key], "module"))
             continue
         for p in m.adapted:
             A, B, R, s = pf.experts_to_peft(m, p)
