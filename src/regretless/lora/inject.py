@@ -23,7 +23,7 @@ from torch import nn
 from regretless.errors import UserError
 from regretless.lora.config import LoRAConfig
 from regretless.lora.experts import LoRAExperts, check_supported, experts_layout, matrix_key
-from regretless.lora.layer import LoRALinear, LoRAParam
+from regretless.lora.layer import LoRALinear, LoRAParam, group_shared_inputs
 from regretless.lora.structure import REASONS, Left, Scan, layer_pattern, matches, scan
 
 PRESETS = ("all", "mlp", "attn")
@@ -176,6 +176,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, targets: list[Target] | None =
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
         wrapped_all.append((name, wrapped))
     _mark_shared(model, wrapped_all)
+    group_shared_inputs(model)  # q/k/v and gate/up share one fused A projection at run time (layer.py)
     report = LoRAReport(list(targets), model_params, left)
     if verbose:
         print(report.table())

@@ -6,6 +6,14 @@ initialised like PEFT (kaiming-uniform with a=√5, i.e. U(±1/√d_in)) and B (
 exactly at the base model. As in the paper, A and B share one learning rate unless LoRA+ (`lr_b_mult`) is asked
 for. No dropout: the paper uses none.
 
+Siblings that the parent calls on the same input (q/k/v of attention, gate/up of a gated MLP) can form a
+`SharedInputGroup` (`group_shared_inputs`, called by `apply_lora`): the first of them to be called runs one fused
+autograd node for all of them and hands the others their outputs when they are called with the same tensor. x is
+read once for all the A projections (one GEMM against the concatenated A's, forward and dA), and in backward
+the input gradients of all members and of the LoRA path accumulate into one buffer inside the GEMMs (beta = 1)
+instead of separate tensors summed by autograd. Same math as the members' own paths; any mismatch (another
+input, a disabled or merged member, a trained base, torch.compile tracing) falls back to each member's own path.
+
 `LoRAParam` adapts one bare 2-D weight of a module that is not a Linear (a MoE router such as Qwen3-MoE's
 `mlp.gate.weight`) by calling the module with W + s·B·A. It exists for adapters that PEFT saved with
 `target_parameters=[..."gate.weight"]`; regretless's presets leave routers alone, as the paper does.
@@ -14,6 +22,7 @@ for. No dropout: the paper uses none.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -42,6 +51,123 @@ class _LoRALinearFn(torch.autograd.Function):
         dA = (gb_N_r.T @ x).mul_(s) if ctx.needs_input_grad[3] else None
         dB = (g_N_out.T @ xa).mul_(s) if ctx.needs_input_grad[4] else None
         return dx, None, None, dA, dB, None
+
+
+class _LoRAGroupFn(torch.autograd.Function):
+    """Members i = 1..n share x: xa = x·A_catᵀ (one GEMM, A_cat = [A_1; ...; A_n]), y_i = x·W_iᵀ (+ b_i) +
+    s_i·xa_i·B_iᵀ. Backward: dx = Σ g_i·W_i + [s_i·g_i·B_i]_i·A_cat accumulated in place (addmm_, beta = 1),
+    dA_cat = [s_i·g_i·B_i]_iᵀ·x (one GEMM), dB_i = s_i·g_iᵀ·xa_i. Frozen W_i, b_i. All inputs share one dtype."""
+
+    @staticmethod
+    def forward(ctx, x_N_in, A_cat, ranks: tuple, scales: tuple, *WbB):
+        n = len(ranks)
+        Ws, bs, Bs = WbB[:n], WbB[n:2 * n], WbB[2 * n:]
+        xa_N_R = x_N_in @ A_cat.T  # (N, Σ r_i): x read once for every A
+        ys, off = [], 0
+        for W, b, B, r, s in zip(Ws, bs, Bs, ranks, scales):
+            y = torch.addmm(b, x_N_in, W.T) if b is not None else x_N_in @ W.T
+            ys.append(torch.addmm(y, xa_N_R[:, off:off + r], B.T, alpha=s))
+            off += r
+        ctx.save_for_backward(x_N_in, A_cat, xa_N_R, *Ws, *Bs)
+        ctx.ranks, ctx.scales = ranks, scales
+        ctx.set_materialize_grads(False)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *g_out):
+        n = len(ctx.ranks)
+        saved = ctx.saved_tensors  # read once (checkpointing unpacks each saved tensor once)
+        x, A_cat, xa = saved[:3]
+        Ws, Bs = saved[3:3 + n], saved[3 + n:]
+        need_dx, need_dA = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        same_s = len(set(ctx.scales)) == 1
+        dx, gbs, dBs, off = None, [], [], 0
+        for i, (g, W, B, r, s) in enumerate(zip(g_out, Ws, Bs, ctx.ranks, ctx.scales)):
+            if g is None:  # output unused
+                gbs.append(xa.new_zeros(xa.shape[0], r))
+                dBs.append(None)
+                off += r
+                continue
+            gb = g @ B  # (N, r_i)
+            gbs.append(gb if same_s else gb * s)
+            if need_dx:
+                dx = g @ W if dx is None else dx.addmm_(g, W)
+            dBs.append((g.T @ xa[:, off:off + r]).mul_(s) if ctx.needs_input_grad[4 + 2 * n + i] else None)
+            off += r
+        gb_cat = torch.cat(gbs, 1)  # (N, Σ r_i), scaled unless every member has the same s
+        alpha = ctx.scales[0] if same_s else 1.0
+        if need_dx:
+            dx = gb_cat @ A_cat * alpha if dx is None else dx.addmm_(gb_cat, A_cat, alpha=alpha)
+        dA = (gb_cat.T @ x).mul_(alpha) if need_dA else None
+        return (dx, dA, None, None, *([None] * (2 * n)), *dBs)
+
+
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+class SharedInputGroup:
+    """LoRALinear siblings called on the same input tensor. The first member called computes every member's
+    output in one `_LoRAGroupFn` node; the others get theirs when called with that same tensor (identity), the
+    same grad mode and autocast state. Holds a weak reference to x and the pending outputs until taken."""
+
+    def __init__(self, members: list[LoRALinear]):
+        self.members = members
+        self._key: tuple | None = None  # (weakref to x, grad mode, autocast dtype)
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        m0 = self.members[0]
+        W0 = m0.base_layer.weight
+        for m in self.members:
+            W, b = m.base_layer.weight, m.base_layer.bias
+            if (not m.enabled or m.merged or m.fan_in_fan_out or not m.group_fusion or W.requires_grad
+                    or (b is not None and b.requires_grad) or W.shape[1] != W0.shape[1] or W.dtype != W0.dtype
+                    or W.device != x.device):
+                return False
+        return x.shape[-1] == W0.shape[1]
+
+    def take(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
+        """member's output for x, computed for the whole group on the first call; None: use the own path."""
+        dev = x.device.type
+        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        i = next(j for j, m in enumerate(self.members) if m is member)
+        if self._key is not None and self._key[0]() is x and self._key[1:] == (torch.is_grad_enabled(), amp) \
+                and i in self._pending:
+            y = self._pending.pop(i)
+            if not self._pending:
+                self._key = None
+            return y
+        self._key, self._pending = None, {}
+        if not self._fusable(x):
+            return None
+        dt = amp or member.base_layer.weight.dtype
+        ms = self.members
+        with torch.autocast(dev, enabled=False):
+            A_cat = torch.cat([m.lora_A for m in ms]).to(dt)  # (Σ r_i, d_in)
+            ys = _LoRAGroupFn.apply(x.reshape(-1, x.shape[-1]).to(dt), A_cat, tuple(m.rank for m in ms),
+                                    tuple(float(m.scale) for m in ms), *[m.base_layer.weight.to(dt) for m in ms],
+                                    *[None if m.base_layer.bias is None else m.base_layer.bias.to(dt) for m in ms],
+                                    *[m.lora_B.to(dt) for m in ms])
+        ys = [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+        self._pending = {j: y for j, y in enumerate(ys) if j != i}
+        self._key = (weakref.ref(x), torch.is_grad_enabled(), amp)
+        return ys[i]
+
+
+def group_shared_inputs(model: nn.Module) -> list[SharedInputGroup]:
+    """Form a SharedInputGroup of the LoRALinear children of each module named as SHARED_INPUT_SIBLINGS (two or
+    more present, same input size). Runtime-only: parameters, names and the saved format are unchanged."""
+    groups = []
+    for parent in model.modules():
+        for names in SHARED_INPUT_SIBLINGS:
+            ms = [getattr(parent, n, None) for n in names]
+            ms = [m for m in ms if isinstance(m, LoRALinear) and not m.fan_in_fan_out]
+            if len(ms) >= 2 and len({m.in_features for m in ms}) == 1:
+                g = SharedInputGroup(ms)
+                for m in ms:
+                    m._group = g
+                groups.append(g)
+    return groups
 
 
 def init_lora_A(A: torch.Tensor) -> None:
@@ -74,6 +200,8 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.tied_to: str | None = None  # set when the base weight is shared with another module (merge unties)
         self._backup: torch.Tensor | None = None
+        self.group_fusion = True  # use the SharedInputGroup path when a group is set
+        self._group: SharedInputGroup | None = None
 
     @property
     def in_features(self) -> int:
@@ -112,6 +240,10 @@ class LoRALinear(nn.Module):
                                "(adapters_disabled does)")
         if not self.enabled or self.merged:
             return self.base_layer(x)  # (..., d_out)
+        if self._group is not None and self.group_fusion and not torch.compiler.is_compiling():
+            y = self._group.take(self, x)
+            if y is not None:
+                return y
         dev = x.device.type
         W, bias = self.base_layer.weight, self.base_layer.bias
         if self.fan_in_fan_out:
