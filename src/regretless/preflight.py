@@ -83,10 +83,15 @@ def check_out(out: str) -> None:
         raise UserError(f"--out {p}: {parent} is a file; expected a folder for the run's files")
 
 
-def check_train_config(cfg: Any) -> None:
-    """Everything about `cfg` that can be checked before writing the run folder (see the module docstring)."""
+def check_run(cfg: Any) -> None:
+    """`--out` and the device (first: the cheapest checks)."""
     check_out(cfg.out)
     check_device(cfg.device)
+
+
+def check_model(cfg: Any) -> None:
+    """The model path, and LoRA's rank and targets against its shapes when known (after the data: a bad data path
+    is the likelier mistake and is reported first)."""
     mc = model_config(cfg.model)
     if mc is not None and cfg.lora is not None:
         check_lora_shapes(mc, cfg.lora)

@@ -37,7 +37,7 @@ from regretless.data.batching import collate, step_plan, steps_per_epoch
 from regretless.errors import UserError
 from regretless.lora import apply_lora, param_groups, save_adapter
 from regretless.models import default_device, load_model
-from regretless.preflight import check_train_config
+from regretless.preflight import check_model, check_run
 from regretless.runfiles import normal_modes, open_run, restore, save_atomically, write_summary
 
 
@@ -193,8 +193,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     """Train; returns the summary (also written to out/summary.json)."""
     from regretless import data
 
-    check_train_config(cfg)
+    check_run(cfg)
     examples = data.load_examples(cfg.data, seed=cfg.data_seed)  # bad data fails before anything is written
+    check_model(cfg)
     train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_size, cfg.data_seed)  # same eval set every seed
     if len(train_ex) < cfg.batch_size:
         raise UserError(f"field 'batch_size': {cfg.batch_size} sequences per step, but {cfg.data} has "

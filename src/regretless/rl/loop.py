@@ -36,7 +36,7 @@ from regretless import progress, tracking
 from regretless.config import RLConfig
 from regretless.errors import UserError
 from regretless.lora import adapters_disabled
-from regretless.preflight import check_train_config
+from regretless.preflight import check_model, check_run
 from regretless.rl import collapse
 from regretless.rl.envs import Env, make_env
 from regretless.rl.evaluate import encode_problems, greedy_eval
@@ -88,8 +88,9 @@ def build_reference(model: torch.nn.Module, cfg: RLConfig) -> Reference | None:
 
 def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
     """Train; returns the summary (also written to out/summary.json)."""
-    check_train_config(cfg)
+    check_run(cfg)
     env = make_env(cfg.env, cfg.data_seed, cfg.train_size, cfg.eval_size)  # same problems for every seed
+    check_model(cfg)
     with open_run(cfg, "rl", resume) as (out, done):
         return done or _train_rl(cfg, out, resume, env)
 
