@@ -70,6 +70,9 @@ def test_run_rl_lora_files_metrics_and_exact_resume(tiny_llama_dir, env_spec, tm
     assert resumed["status"] == "done"
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in _metrics(killed)]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+    # a kill after the final checkpoint but before summary.json: --resume writes the same summary
+    (out / "summary.json").unlink()
+    assert run_rl(_cfg(tiny_llama_dir, env_spec, out), resume=True) == ref
 
 
 def test_cli_full_ft_with_kl(tiny_llama_dir, env_spec, tmp_path):
