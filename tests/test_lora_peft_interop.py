@@ -220,3 +220,31 @@ def test_export_per_expert_of_a_fused_peft_adapter(tmp_path):
     load_adapter(fresh, tmp_path / "per-expert")
     assert dict(lora_modules(fresh))["model.layers.0.mlp.experts"].ranks == {"gate": 4, "up": 4, "down": 4}
     assert (_logits(fresh) - want).abs().max() <= TOL
+
+
+def test_gate_and_up_of_different_ranks_round_trip(tmp_path):
+    """A transformers-4 adapter whose gate and up have different ranks: split on load, one rank-5 block-diagonal
+    PEFT adapter on save (scales kept), split into ranks 2 and 3 again on the next load; PEFT agrees throughout."""
+    from peft import PeftModel
+
+    adapter = _v4_adapter("qwen3_moe", tmp_path / "v4")
+    w = load_file(str(adapter / "adapter_model.safetensors"))
+    g = torch.Generator().manual_seed(9)
+    for k in list(w):
+        if ".up_proj." in k:  # up_proj gets rank 3, gate_proj keeps 2
+            w[k] = torch.randn(3, w[k].shape[1], generator=g) * 0.3 if "lora_A" in k else \
+                torch.randn(w[k].shape[0], 3, generator=g) * 0.3
+    save_file(w, str(adapter / "adapter_model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"up_proj": 3}}))
+    model = build_model(tiny_qwen3_moe_config())
+    lora = load_adapter(model, adapter)
+    want = _logits(model)
+    assert dict(lora_modules(model))["model.layers.0.mlp.experts"].ranks == {"gate": 2, "up": 3, "down": 2}
+    save_adapter(model, tmp_path / "ours", lora)
+    again = build_model(tiny_qwen3_moe_config())
+    load_adapter(again, tmp_path / "ours")
+    assert dict(lora_modules(again))["model.layers.0.mlp.experts"].ranks == {"gate": 2, "up": 3, "down": 2}
+    assert (_logits(again) - want).abs().max() <= 1e-5
+    assert (_logits(PeftModel.from_pretrained(build_model(tiny_qwen3_moe_config()), tmp_path / "ours"))
+            - want).abs().max() <= TOL

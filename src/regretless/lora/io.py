@@ -41,10 +41,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def _tensors(model: nn.Module, per_expert: bool) -> tuple[dict[str, torch.Tensor], list, list[str]]:
-    """(PEFT tensors, [(PEFT key, rank, scale, 'module'|'param')], experts modules saved with split gate/up)."""
+    """(PEFT tensors, [(PEFT key, rank, scale, 'module'|'param')], {experts module: (gate rank, up rank)} of those
+    saved with split gate/up)."""
     sd: dict[str, torch.Tensor] = {}
     entries: list[tuple[str, int, float, str]] = []
-    split: list[str] = []
+    split: dict[str, tuple[int, int]] = {}
     renamed = pf.peft_renamed_leaves(model)
     for name, m in lora_modules(model):
         if isinstance(m, (LoRALinear, LoRAParam)):
@@ -57,8 +58,8 @@ def _tensors(model: nn.Module, per_expert: bool) -> tuple[dict[str, torch.Tensor
             else:
                 entries.append((name, m.rank, m.scale, "module"))
             continue
-        if {"gate", "up"} <= set(m.specs):
-            split.append(name)
+        if {"gate", "up"} & set(m.specs):
+            split[name] = (m.ranks.get("gate", 0), m.ranks.get("up", 0))
         if per_expert:
             v4_path, leaves = pf.fused_to_v4(model, name)
             for key, (param, part, *_) in m.specs.items():
@@ -110,7 +111,7 @@ def _config(model: nn.Module, entries: list, cfg: LoRAConfig, base_model: str, p
     }
 
 
-def _regretless_metadata(cfg: LoRAConfig, split: list[str]) -> str:
+def _regretless_metadata(cfg: LoRAConfig, split: dict[str, tuple[int, int]]) -> str:
     """How regretless chose the targets; kept in the safetensors header, where PEFT does not look."""
     def as_list(v):
         return list(v) if not isinstance(v, str) else v
@@ -263,7 +264,8 @@ def load_adapter(model: nn.Module, path: str | Path, verbose: bool = False) -> L
         modules.setdefault(mod, []).append(prefix)
     plan = _Plan(config, where)
     wanted = [str(p) for p in (config.get("target_parameters") or [])]
-    split = set((config.get("_regretless") or {}).get("split_gate_up", []))
+    split = (config.get("_regretless") or {}).get("split_gate_up") or {}
+    split = split if isinstance(split, dict) else {}
     units = {(u.name, u.param, u.part): u for u in scan(model).units}
     v4: dict[tuple[str, str, str | None], dict[int, tuple[str, dict]]] = {}
     for mod in sorted(modules):
@@ -280,7 +282,7 @@ def load_adapter(model: nn.Module, path: str | Path, verbose: bool = False) -> L
         if isinstance(m, nn.Linear) or is_conv1d(m):
             _load_dense(plan, units, mod, m, weights[mod], wanted)
         elif isinstance(experts_layout(m), ExpertsLayout) and any(p.dim() == 3 for p in m.parameters(False)):
-            _load_fused(plan, mod, m, modules[mod], weights, wanted, mod in split)
+            _load_fused(plan, mod, m, modules[mod], weights, wanted, split.get(mod))
         elif isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2:
             _load_param(plan, units, mod, m, weights[mod])
         else:
@@ -330,7 +332,7 @@ def _load_param(plan: _Plan, units: dict, mod: str, m: nn.Module, ab: dict) -> N
 
 
 def _load_fused(plan: _Plan, mod: str, m: nn.Module, prefixes: list[str], weights: dict, wanted: list[str],
-                force_split: bool) -> None:
+                split: list[int] | None) -> None:
     layout = experts_layout(m)
     # PEFT's rule: a target_parameters entry matches `<module>.<param>` exactly or as a dotted suffix
     adapted = [n for n, p in m.named_parameters(recurse=False) if p.dim() == 3 and (not wanted or any(
@@ -357,7 +359,7 @@ def _load_fused(plan: _Plan, mod: str, m: nn.Module, prefixes: list[str], weight
         plan.shape(key, "A", tuple(A.shape), (E * R, in_p))
         plan.shape(key, "B", tuple(B.shape), (out_p, R * E))
         s = plan.scale(f"{mod}.{p}", R)
-        for k, (Ak, Bk) in pf.experts_from_peft(m, layout, p, A, B, True if force_split else None).items():
+        for k, (Ak, Bk) in pf.experts_from_peft(m, layout, p, A, B, tuple(split) if split else None).items():
             spec = layout.matrices(fused_gate_up=k == "gate_up")[k]
             plan.add(Target(mod, "experts", p, spec[2], spec[3], E, Ak.shape[1], spec[1], "experts"), k, Ak, Bk, s)
 

@@ -68,9 +68,11 @@ def experts_to_peft(m: LoRAExperts, param: str) -> tuple[torch.Tensor, torch.Ten
 
 
 def experts_from_peft(module: nn.Module, layout: ExpertsLayout, param: str, A_flat: torch.Tensor,
-                      B_flat: torch.Tensor, split: bool | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """PEFT tensors of one parameter -> {matrix key: (A (E, r, in), B (E, out, r))}. `split`: True/False forces
-    the gate/up split of gate_up_proj, None detects PEFT's block-diagonal B."""
+                      B_flat: torch.Tensor, split: tuple[int, int] | None
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT tensors of one parameter -> {matrix key: (A (E, r, in), B (E, out, r))}. `split` = (gate rank, up
+    rank) of a gate_up_proj saved split (the first ranks are the gate's); None detects PEFT's block-diagonal B with
+    equal halves, else the adapter stays one fused gate_up adapter."""
     E = layout.n_experts
     R = A_flat.shape[0] // E
     A = A_flat.reshape(E, R, -1).float()
@@ -79,14 +81,16 @@ def experts_from_peft(module: nn.Module, layout: ExpertsLayout, param: str, A_fl
         A, B = B.transpose(1, 2), A.transpose(1, 2)
     if param != "gate_up_proj" or not layout.gated:
         return {matrix_key(param, None): (A.contiguous(), B.contiguous())}
-    if split is None:
-        split = is_block_diagonal(B, layout)
-    if not split:
+    if split is None and is_block_diagonal(B, layout):
+        split = (R // 2, R - R // 2)
+    if split is None or sum(split) != R:
         return {"gate_up": (A.contiguous(), B.contiguous())}
-    r = R // 2
-    g, u = layout.rows("gate"), layout.rows("up")
-    return {"gate": (A[:, :r].contiguous(), B[:, g, :r].contiguous()),
-            "up": (A[:, r:].contiguous(), B[:, u, r:].contiguous())}
+    r = split[0]
+    out = {}
+    for part, cols in (("gate", slice(0, r)), ("up", slice(r, R))):
+        if cols.stop > cols.start:
+            out[part] = (A[:, cols].contiguous(), B[:, layout.rows(part), cols].contiguous())
+    return out
 
 
 def is_block_diagonal(B: torch.Tensor, layout: ExpertsLayout) -> bool:
