@@ -130,7 +130,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tiny_llama_dir, tmp_pat
     out = tmp_path / "div"
     summary = run_sft(cfg_for(tiny_llama_dir, data, out, lora=None, lr=5.0, steps=30, save_every=1,
                               grad_clip=0.0))
-    assert summary["status"] == "diverged"
+    assert summary["status"] == "diverged" and "divergence_factor=4" in summary["reason"]
     assert summary["steps"] < 30
     ck = sorted((out / "checkpoints").iterdir())
     assert ck and int(ck[-1].name.split("-")[1]) <= summary["steps"]

@@ -30,8 +30,6 @@ from regretless.config import atomic_write_text, save_config, to_dict, umask_mod
 from regretless.errors import UserError
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "adapter", "model")
-
-
 LOCK = ".lock"
 
 
@@ -77,15 +75,16 @@ def _lock(out: Path) -> int:
         os.close(fd)
 
 
-def _check_folder(out: Path, cfg: Any, command: str, resume: bool) -> bool:
-    """Read-only checks of an existing folder; True when it holds a run to continue or rewrite in place."""
+def _check_folder(out: Path, cfg: Any, command: str, resume: bool) -> None:
+    """Read-only checks of an existing folder: UserError unless it is empty, holds only the config of a run that
+    failed before its first step, or holds this same run and `resume` is set."""
     cfg_file = out / "config.yaml"
     if not cfg_file.is_file():
         if any(p for p in out.iterdir() if not p.name.startswith(".")):
             raise UserError(f"{out}: not empty and holds no regretless run; choose a new --out")
-        return False
+        return
     if not started(out):
-        return True  # the config of a run that failed before its first step: nothing to keep
+        return  # the config of a run that failed before its first step: nothing to keep
     try:
         old = yaml.safe_load(cfg_file.read_text()) or {}
     except yaml.YAMLError:
@@ -97,7 +96,6 @@ def _check_folder(out: Path, cfg: Any, command: str, resume: bool) -> bool:
                         "choose a new --out or rerun with the same settings")
     if not resume:
         raise UserError(f"{out}: holds a run already; pass --resume to continue it or choose a new --out")
-    return True
 
 
 @contextlib.contextmanager
