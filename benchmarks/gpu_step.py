@@ -1,21 +1,45 @@
-"""Step time of one training step on a GPU: regretless LoRA vs FullFT vs transformers+PEFT LoRA.
+"""One training step on one GPU, side by side (issue 12): regretless LoRA and FullFT vs plain transformers and PEFT.
 
-Random-init models of real shapes (weights do not change speed), bf16 compute. Each method runs forward +
-backward + AdamW step on the same batch; the median of `--iters` steps after warm-up, timed with CUDA events.
+Random-init models of real shapes (weights do not change speed). One step = forward + backward + fused AdamW on
+the same batch; median of `--iters` CUDA-event-timed steps after `--warmup` untimed ones (compiled methods compile
+in the warm-up). Every configuration runs in its own try/except: an OOM or a compile failure prints one line and
+the script goes on. A global `--budget-s` skips configurations whose estimated cost no longer fits; results are
+written after each configuration (`<out>.jsonl` and the markdown table `<out>`), so a killed run keeps what it had.
 
-    python benchmarks/gpu_step.py --shape llama-1b --batch 8 --seq 2048 --rank 32
-    python benchmarks/gpu_step.py --shape qwen3-moe-small --batch 8 --seq 2048 --rank 32
+    PYTHONPATH=src python3 benchmarks/gpu_step.py --out $OUT/gpu_step.md --budget-s 540
+    PYTHONPATH=src python3 benchmarks/gpu_step.py --tiny --out /tmp/gpu_step.md        # CPU check, < 1 min
 
-Prints one JSON line per method, and a table. The FLOP model is `regretless.counts.flops_per_token`.
+Methods
+  hf-full-bf16   plain transformers FullFT: bf16 weights, fused AdamW, `model(**batch).loss` (full logits), no
+                 regretless code: the reference of the issue's "0.72x a plain bf16 FullFT step"
+  rl-full        regretless FullFT as the trainer runs it on CUDA: fp32 master weights, bf16 autocast, lm.nll_sum
+  rl-lora        regretless LoRA: frozen bf16 base, fp32 adapters, bf16 autocast, lm.nll_sum (chunked CE);
+                 `-nogroup` = the same with the shared-input group fusion turned off (A/B of that change)
+  peft           transformers + PEFT LoRA (target_modules, and target_parameters for fused experts), HF loss
+  +compile       `torch.compile` of the transformer trunk in place (as `compile=true` in the trainer)
+  +ckpt          activation checkpointing of every decoder layer (non-reentrant), as `gradient_checkpointing=true`
+
+MFU = model FLOPs per step / step time / 989e12 (H200 dense bf16 peak), with model FLOPs per token
+  LoRA:   4·N + 6·N_lora + attention      FullFT: 6·N + attention
+  N = matmul weights a token passes through (decoder matrices, routed experts top-k of E, router, LM head;
+  `regretless.counts.flops_per_token`), N_lora = LoRA parameters a token passes through, attention = 6·L·T·d_attn
+  (causal QKᵀ and AV: 2·T·d_attn forward per layer and token, times 3 for forward + backward; T = sequence length,
+  d_attn = heads·head_dim).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import datetime
 import gc
 import json
+import os
 import statistics
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -26,139 +50,296 @@ from regretless import lm
 from regretless.counts import flops_per_token
 from regretless.lora import LoRAConfig, apply_lora, param_groups
 
-SHAPES = {
-    "llama-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True,
-                     "max_position_embeddings": 8192},
-    "llama-8b-4l": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4,
-                        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192},
-    "qwen3-moe-small": {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
-                            "num_hidden_layers": 6, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
-                            "num_experts": 128, "num_experts_per_tok": 8, "vocab_size": 151936, "decoder_sparse_step": 1,
-                            "mlp_only_layers": [], "max_position_embeddings": 8192},
+PEAK_FLOPS = 989e12  # H200 SXM dense bf16
+
+SHAPES = {  # full size; --tiny shrinks them
+    "llama-3.2-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+                     "tie_word_embeddings": True, "max_position_embeddings": 131072, "rope_theta": 500000.0},
+    "qwen3-30b-a3b-8l": {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                         "moe_intermediate_size": 768, "num_hidden_layers": 8, "num_attention_heads": 32,
+                         "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+                         "norm_topk_prob": True, "vocab_size": 151936, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                         "tie_word_embeddings": False, "max_position_embeddings": 40960, "rope_theta": 1000000.0},
 }
+TINY = {"llama-3.2-1b": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512},
+        "qwen3-30b-a3b-8l": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                             "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 512}}
 
 
-def build(shape: str, dtype):
+@dataclasses.dataclass(frozen=True)
+class Case:
+    section: str  # dense | moe | long
+    shape: str
+    method: str  # hf-full-bf16 | rl-full | rl-lora | rl-lora-nogroup | peft
+    batch: int
+    seq: int
+    compile: bool = False
+    ckpt: bool = False
+    est_s: float = 30.0  # wall-clock estimate, for the budget
+
+    @property
+    def name(self) -> str:
+        return self.method + ("+compile" if self.compile else "") + ("+ckpt" if self.ckpt else "")
+
+
+def cases(tiny: bool) -> list[Case]:
+    """In priority order: what matters most runs first, so a tight budget drops the least important."""
+    B, T, TL = (2, 64, 256) if tiny else (8, 2048, 16384)
+    d, m = "llama-3.2-1b", "qwen3-30b-a3b-8l"
+    return [
+        Case("dense", d, "hf-full-bf16", B, T, est_s=25), Case("dense", d, "rl-lora", B, T, est_s=25),
+        Case("dense", d, "peft", B, T, est_s=25), Case("dense", d, "rl-full", B, T, est_s=30),
+        Case("dense", d, "rl-lora-nogroup", B, T, est_s=25),
+        Case("moe", m, "rl-lora", B, T, est_s=40), Case("moe", m, "peft", B, T, est_s=45),
+        Case("moe", m, "hf-full-bf16", B, T, est_s=45), Case("moe", m, "rl-full", B, T, est_s=60),
+        Case("long", d, "rl-lora", 1, TL, est_s=25), Case("long", d, "rl-lora", 1, TL, ckpt=True, est_s=25),
+        Case("dense", d, "peft", B, T, compile=True, est_s=120), Case("dense", d, "rl-lora", B, T, compile=True, est_s=120),
+        Case("moe", m, "rl-lora", B, T, compile=True, est_s=150), Case("moe", m, "peft", B, T, compile=True, est_s=150),
+    ]
+
+
+def build(shape: str, dtype: torch.dtype, device: str, tiny: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = dict(SHAPES[shape])
+    fields = dict(SHAPES[shape], **(TINY[shape] if tiny else {}))
     cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model
 
 
-def time_steps(step, iters: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return times
+def lora_cfg(rank: int) -> LoRAConfig:
+    return LoRAConfig(rank=rank, alpha=32, targets="all")  # routed experts: rank // top-k each (the paper's budget)
 
 
-def run(method: str, args) -> dict:
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    full = method == "full"
-    # FullFT keeps fp32 master weights (as the trainer does); LoRA freezes a bf16 base
-    model = build(args.shape, torch.float32 if full else torch.bfloat16)
-    lcfg = LoRAConfig(rank=args.rank, targets=args.targets)
-    flops = flops_per_token(model, None if full else lcfg)
-    if method == "regretless":
+def peft_model(model, moe: bool, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    top_k = getattr(model.config, "num_experts_per_tok", 1)
+    kw = {}
+    if moe:  # fused 3-D experts: PEFT's target_parameters, at the per-expert rank r // top-k (PEFT keys
+        # rank_pattern of target_parameters by module.parameter)
+        kw = {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+              "rank_pattern": {"experts.gate_up_proj": rank // top_k, "experts.down_proj": rank // top_k}}
+    mods = ["q_proj", "k_proj", "v_proj", "o_proj"] + ([] if moe else ["gate_proj", "up_proj", "down_proj"])
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=32, target_modules=mods, **kw))
+
+
+def attention_flops_per_token(cfg, seq: int) -> float:
+    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    return 6.0 * cfg.num_hidden_layers * seq * d_attn
+
+
+def set_group_fusion(model, on: bool) -> None:
+    from regretless.lora import lora_modules
+
+    for _, m in lora_modules(model):
+        if hasattr(m, "group_fusion"):
+            m.group_fusion = on
+
+
+def run_case(c: Case, args, device: str) -> dict:
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    lora = c.method.startswith("rl-lora") or c.method == "peft"
+    weights = torch.float32 if c.method == "rl-full" else torch.bfloat16
+    model = build(c.shape, weights, device, args.tiny)
+    moe = hasattr(model.config, "num_experts")
+    lcfg = lora_cfg(args.rank)
+    flops_tok = flops_per_token(model, lcfg if lora else None) + attention_flops_per_token(model.config, c.seq)
+    if c.method.startswith("rl-lora"):
         apply_lora(model, lcfg)
-        params = param_groups(model, 1e-4)
-    elif method == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        moe = hasattr(model.config, "num_experts")
-        pc = LoraConfig(r=args.rank, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"] +
-                        ([] if moe else ["gate_proj", "up_proj", "down_proj"]),
-                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if moe else None)
-        model = get_peft_model(model, pc)
-        params = [p for p in model.parameters() if p.requires_grad]
+        set_group_fusion(model, c.method != "rl-lora-nogroup")
+        groups = param_groups(model, 1e-5)
+    elif c.method == "peft":
+        model = peft_model(model, moe, args.rank)
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     else:
-        params = list(model.parameters())
-    if args.compile:  # in place, so parameter names and the LoRA wrappers stay as they are
-        (model.get_base_model().model if method == "peft" else model.model).compile(dynamic=False)
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    V = model.config.vocab_size
-    ids = torch.randint(0, V, (args.batch, args.seq), device="cuda", generator=g)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        groups = param_groups(model, 1e-5)
+    n_train = sum(p.numel() for g in groups for p in g["params"])
+    if c.ckpt:
+        from regretless.train import enable_checkpointing
+
+        enable_checkpointing(model.get_base_model() if c.method == "peft" else model)
+    if c.compile:  # in place, so parameter names and the adapters stay as they are
+        trunk = model.get_base_model().model if c.method == "peft" else model.base_model
+        trunk.compile(backend=args.compile_backend, dynamic=False)
+    opt = torch.optim.AdamW(groups, lr=1e-5, fused=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (c.batch, c.seq), device=device, generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     model.train()
+    amp = c.method not in ("hf-full-bf16",)  # the plain reference runs its bf16 weights without autocast
+    hf_loss = c.method in ("hf-full-bf16", "peft")
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if method == "peft":
-                loss = model(**batch).loss  # transformers' own loss path: full logits
+    def step() -> torch.Tensor:
+        ctx = torch.autocast(device, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+        with ctx:
+            if hf_loss:
+                loss = model(**batch, use_cache=False).loss  # transformers' own loss path: full logits
             else:
                 s, n = lm.nll_sum(model, batch)
                 loss = s / n
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    times = time_steps(step, args.iters)
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step()
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        loss = step()
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.iters):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            loss = step()
+            b.record()
             torch.cuda.synchronize()
-        print(f"--- {method}: top CUDA kernels")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-    ms = statistics.median(times)
-    tokens = args.batch * args.seq
-    res = {"method": method + ("+compile" if args.compile else ""), "shape": args.shape, "batch": args.batch, "seq": args.seq, "rank": args.rank,
-           "ms_per_step": round(ms, 2), "tokens_per_s": round(tokens / ms * 1e3),
-           "model_tflops_per_s": round(flops * tokens / ms / 1e9, 1),
-           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-           "flops_per_token": flops, "spread_ms": round(max(times) - min(times), 2)}
-    step = None  # drop the closure (and with it the model, optimizer and batch) before the next method
-    gc.collect()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t)
+    if not torch.isfinite(loss).item():
+        raise RuntimeError(f"loss is {loss.item()}")
+    sec = statistics.median(times)
+    tokens = c.batch * c.seq
+    res = {"section": c.section, "shape": c.shape, "method": c.name, "batch": c.batch, "seq": c.seq,
+           "step_s": round(sec, 4), "tokens_per_s": round(tokens / sec), "spread_s": round(max(times) - min(times), 4),
+           "mfu": round(flops_tok * tokens / sec / PEAK_FLOPS, 4), "gflop_per_token": round(flops_tok / 1e9, 3),
+           "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+           "trainable": n_train, "loss": round(loss.item(), 4), "warmup_s": round(warm_s, 1)}
+    if args.profile and cuda and not c.compile:
+        res["top_kernels"] = profile_step(step)
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llama-1b", choices=list(SHAPES))
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--targets", default="all")
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--methods", default="full,regretless,peft")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer trunk")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per method")
-    args = ap.parse_args()
-    rows = []
-    for m in args.methods.split(","):
-        try:
-            rows.append(run(m, args))
-        except Exception as e:  # noqa: BLE001 - report and go on with the other methods
-            rows.append({"method": m, "shape": args.shape, "error": f"{type(e).__name__}: {e}"[:300]})
-        print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    full = next((r for r in rows if r["method"].startswith("full") and "ms_per_step" in r), None)
-    print(f"\n{'method':<11} {'ms/step':>9} {'tok/s':>9} {'vs full':>8} {'TFLOP/s':>8} {'mem GB':>7}")
+def profile_step(step) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:8]
+    return [f"{e.key[:70]}: {getattr(e, 'device_time_total', 0) / 1e3:.1f} ms x{e.count}" for e in rows]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def cleanup(device: str) -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", ("| section | shape | method | batch x seq | step s | tokens/s | vs hf-full-bf16 | vs peft | "
+             "MFU | peak GiB | trainable |"), "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ref = {(r["section"], r["shape"], r["method"]): r for r in rows if "step_s" in r}
     for r in rows:
-        if "ms_per_step" in r:
-            rel = f"{r['ms_per_step'] / full['ms_per_step']:.2f}" if full else "-"
-            print(f"{r['method']:<11} {r['ms_per_step']:>9} {r['tokens_per_s']:>9} {rel:>8} "
-                  f"{r['model_tflops_per_s']:>8} {r['peak_mem_gb']:>7}")
+        if "step_s" not in r:
+            lines.append(f"| {r['section']} | {r['shape']} | {r['method']} | {r['batch']}x{r['seq']} | "
+                         f"{r.get('error') or r.get('skipped')} | | | | | | |")
+            continue
+        base = "long" if r["section"] == "long" else r["section"]
+        full = ref.get((base, r["shape"], "hf-full-bf16"))
+        peft = ref.get((r["section"], r["shape"], "peft+compile" if "+compile" in r["method"] else "peft"))
+        vs_full = f"{r['step_s'] / full['step_s']:.2f}x time" if full else "-"
+        vs_peft = f"{r['tokens_per_s'] / peft['tokens_per_s']:.2f}x tok/s" if peft else "-"
+        mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
+        lines.append(f"| {r['section']} | {r['shape']} | {r['method']} | {r['batch']}x{r['seq']} | {r['step_s']:.4f} | "
+                     f"{r['tokens_per_s']:,} | {vs_full} | {vs_peft} | {100 * r['mfu']:.1f}% | {mem} | "
+                     f"{r['trainable']:,} |")
+    lines += ["", ("MFU = model FLOPs/step / step time / 989e12; model FLOPs/token = 4N + 6·N_lora + 6·L·T·d_attn "
+              "(LoRA) or 6N + 6·L·T·d_attn (FullFT); N = matmul weights a token passes (routed experts: top-k), "
+              "T = sequence length. `vs peft` compares with PEFT of the same section and compile setting.")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="markdown table path; JSON lines go next to it as <out>.jsonl")
+    ap.add_argument("--budget-s", type=float, default=540, help="wall-clock budget; cases that no longer fit are skipped")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--only", default="", help="comma list of sections (dense,moe,long) or case names to run")
+    ap.add_argument("--skip", default="", help="comma list of case names to skip, e.g. rl-full,peft+compile")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU check of the whole script in < 1 min)")
+    ap.add_argument("--compile-backend", default=None, help="default inductor; --tiny on CPU uses aot_eager")
+    ap.add_argument("--profile", action="store_true", help="top CUDA kernels of one eager step per case")
+    ap.add_argument("--rank", type=int, default=None, help="LoRA rank (default 64; 16 with --tiny)")
+    args = ap.parse_args()
+    if args.rank is None:
+        args.rank = 16 if args.tiny else 64
+    if args.tiny:
+        args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
+    t_start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if (args.tiny and device == "cpu") else "inductor"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import peft
+    import transformers
+
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    header = (f"# gpu_step.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n{gpu}; torch "
+              f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; bf16, sdpa, "
+              f"fused AdamW, LoRA r={args.rank} alpha=32 on every matrix (routed experts r={args.rank}/top-k); warm-up {args.warmup}, "
+              f"median of {args.iters}{'; TINY shapes' if args.tiny else ''}")
+    print(header, flush=True)
+    only = {s for s in args.only.split(",") if s}
+    skip = {s for s in args.skip.split(",") if s}
+    rows: list[dict] = []
+    for c in cases(args.tiny):
+        if (only and c.section not in only and c.name not in only) or c.name in skip:
+            continue
+        left = args.budget_s - (time.perf_counter() - t_start)
+        est = c.est_s * (0.1 if args.tiny else 1.0)
+        row = {"section": c.section, "shape": c.shape, "method": c.name, "batch": c.batch, "seq": c.seq}
+        if left < est:
+            row["skipped"] = f"skipped: {left:.0f} s left of the budget, needs ~{est:.0f} s"
+        else:
+            t0 = time.perf_counter()
+            try:
+                row = run_case(c, args, device)
+            except Exception as e:  # noqa: BLE001 - OOM, compile failure, ...: report and go on
+                oom = isinstance(e, torch.cuda.OutOfMemoryError)
+                row["error"] = ("OOM: " if oom else f"{type(e).__name__}: ") + str(e).splitlines()[0][:240] if str(e) \
+                    else type(e).__name__
+                if not oom:
+                    traceback.print_exc(limit=4)
+            row["wall_s"] = round(time.perf_counter() - t0, 1)
+            cleanup(device)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        atomic_write(out.with_suffix(out.suffix + ".jsonl") if out.suffix != ".jsonl" else out,
+                     "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write(out, markdown(rows, header))
+    print("\n" + markdown(rows, header), flush=True)
+    print(f"total {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -117,3 +117,85 @@ def test_rl_loop_on_cuda_bf16(tiny_llama_dir, tmp_path):
     assert s["status"] == "done" and len([r for r in rows if "reward" in r]) == 3
     # bf16 sampling vs bf16-autocast learner: the importance ratio stays near 1
     assert all(abs(r["ratio_mean"] - 1) < 0.1 for r in rows if "ratio_mean" in r)
+
+
+def _cuda_group(d_in=2048, outs=(2048, 512, 512), rank=64):
+    from test_lora_fused import _grouped, _members
+
+    ms = _members(d_in=d_in, outs=outs, ranks=(rank,) * len(outs), scales=(0.5,) * len(outs))
+    for m in ms:
+        m.to("cuda", torch.bfloat16)
+        m.lora_A.data, m.lora_B.data = m.lora_A.data.float(), m.lora_B.data.float() * 0.05  # fp32 adapters
+    _grouped(ms)
+    return ms
+
+
+@needs_cuda
+@pytest.mark.parametrize("outs", [(2048, 512, 512), (8192, 8192)])  # Llama-3.2-1B q/k/v and gate/up
+def test_group_fusion_matches_own_path_cuda_bf16(outs):
+    """The fused q/k/v (gate/up) node against each member's own path, both against float64: outputs, dx, dA, dB."""
+    from test_lora_fused import _fused, _reference, _rel, _run
+
+    ms = _cuda_group(outs=outs)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 2048, 2048, device="cuda", generator=g).to(torch.bfloat16)
+    up = [torch.randn(2, 2048, m.out_features, device="cuda", generator=g, dtype=torch.float64) for m in ms]
+    ref = _reference(ms, x, up)
+    errs = {}
+    for fused in (True, False):
+        ys, dx, grads = _run(ms, x, fused, up)
+        assert all(_fused(y) == fused for y in ys)
+        errs[fused] = [_rel(y, w) for y, w in zip(ys, ref[0])] + [_rel(dx, ref[1])] + \
+            [_rel(gr, w) for gs, ws in zip(grads, ref[2]) for gr, w in zip(gs, ws)]
+    assert max(errs[True]) < 2e-2, errs[True]
+    for e_fused, e_own in zip(errs[True], errs[False]):
+        assert e_fused <= 1.5 * e_own + 1e-3
+
+
+@needs_cuda
+def test_dense_lora_paths_have_no_host_sync():
+    """q/k/v group, its members' own paths and a lone LoRALinear: forward and backward never wait for the host."""
+    ms = _cuda_group(d_in=256, outs=(256, 64, 64), rank=16)
+    x = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for fused in (True, False):
+        for m in ms:
+            m.group_fusion = fused
+        sum(m(x).float().sum() for m in ms).backward()  # warm-up (lazy init may sync once)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                ys = [m(x) for m in ms]
+            sum(y.float().sum() for y in ys).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+
+
+@needs_cuda
+def test_llama_lora_step_fused_equals_unfused_cuda_bf16():
+    """A whole (small) Llama under bf16 autocast: logits and every LoRA gradient with the group fusion on and off."""
+    from conftest import build_model, tiny_llama_config
+
+    model = build_model(tiny_llama_config(hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                                          num_key_value_heads=2, num_hidden_layers=2)).to("cuda", torch.bfloat16)
+    apply_lora(model, LoRAConfig(rank=16))
+    for _, m in lora_modules(model):
+        for p in m.parameters(recurse=False):
+            p.data = p.data.float()
+    _randomize_b(model)
+    ids = torch.randint(0, 512, (4, 128), device="cuda")
+    out = {}
+    for fused in (True, False):
+        for _, m in lora_modules(model):
+            m.group_fusion = fused
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        logits.float().pow(2).mean().backward()
+        out[fused] = (logits.float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert ((out[True][0] - out[False][0]).norm() / out[False][0].norm()).item() < 1e-2
+    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
+    for n, gr in out[True][1].items():
+        want = out[False][1][n]
+        assert ((gr - want).norm() / want.norm().clamp_min(1e-12)).item() < 3e-2, n
