@@ -15,7 +15,6 @@ from regretless.lora.experts import ExpertsLayout, LoRAExperts
 from regretless.lora.inject import (
     LoRAReport,
     Target,
-    adapters_disabled,
     apply_lora,
     find_targets,
     lora_modules,
@@ -25,7 +24,7 @@ from regretless.lora.inject import (
 )
 from regretless.lora.io import export_per_expert, load_adapter, read_adapter, save_adapter
 from regretless.lora.layer import LoRALinear, LoRAParam
-from regretless.lora.merge import merge_lora, unload, unmerge_lora
+from regretless.lora.merge import adapters_disabled, merge_lora, unload, unmerge_lora
 from regretless.lora.structure import scan
 
 __all__ = [

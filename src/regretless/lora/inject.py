@@ -14,7 +14,6 @@ their own adapter at that rank.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -221,29 +220,6 @@ def param_groups(model: nn.Module, lr: float, lr_b_mult: float = 1.0, weight_dec
     b = [p for n, p in lora if ".lora_B" in n or n.startswith("lora_B")]
     return [{"params": a, "lr": lr, "weight_decay": weight_decay, "name": "lora_A"},
             {"params": b, "lr": lr * lr_b_mult, "weight_decay": weight_decay, "name": "lora_B"}]
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module):
-    """The base model's forward (e.g. the reference policy for a KL term) without a second copy of the weights.
-    Merged adapters are unmerged for the duration (bit-exact: the saved base weights come back) and merged again
-    afterwards."""
-    from regretless.lora.merge import merge_lora, unmerge_lora
-
-    mods = [m for _, m in lora_modules(model)]
-    before = [m.enabled for m in mods]
-    merged = [m.merged for m in mods]
-    if any(merged):
-        unmerge_lora(model)
-    for m in mods:
-        m.enabled = False
-    try:
-        yield model
-    finally:
-        for m, b in zip(mods, before):
-            m.enabled = b
-        if any(merged):
-            merge_lora(model, only=[m for m, was in zip(mods, merged) if was])
 
 
 @dataclass

@@ -3,10 +3,13 @@
 Shared weights are never changed behind the user's back: a base weight that another module also holds (a tied LM
 head, whose weight is the input embedding table) is untied first: the adapted module gets its own copy, merged,
 and `config.tie_word_embeddings` is set to False so that saving and reloading keeps the two apart. Unmerging ties
-the weight again. The untied module names are returned.
+the weight again. The untied module names are returned. `adapters_disabled` gives the base model's forward, merged
+or not, without a second copy of the weights.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -71,3 +74,24 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base_layer)
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model's forward (e.g. the reference policy for a KL term) without a second copy of the weights.
+    Merged adapters are unmerged for the duration (bit-exact: the saved base weights come back) and merged again
+    afterwards."""
+    mods = [m for _, m in lora_modules(model)]
+    before = [m.enabled for m in mods]
+    merged = [m.merged for m in mods]
+    if any(merged):
+        unmerge_lora(model)
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, b in zip(mods, before):
+            m.enabled = b
+        if any(merged):
+            merge_lora(model, only=[m for m, was in zip(mods, merged) if was])
