@@ -274,8 +274,46 @@ def markdown(rows: list[dict], header: str) -> str:
                      f"{r['trainable']:,} |")
     lines += ["", ("MFU = model FLOPs/step / step time / 989e12; model FLOPs/token = 4N + 6·N_lora + 6·L·T·d_attn "
               "(LoRA) or 6N + 6·L·T·d_attn (FullFT); N = matmul weights a token passes (routed experts: top-k), "
-              "T = sequence length. `vs peft` compares with PEFT of the same section and compile setting.")]
+              "T = sequence length. `vs peft` compares with PEFT of the same section and compile setting."),
+              "", "Issue 12 targets:", *targets(rows)]
     return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 12's targets, checked on this run's rows (best regretless LoRA of eager and compiled)."""
+    ok = {(r["section"], r["method"]): r for r in rows if "step_s" in r}
+    out = []
+
+    def check(label: str, value: float | None, goal: float, higher: bool) -> None:
+        if value is None:
+            out.append(f"- {label}: not measured")
+        else:
+            met = value >= goal if higher else value <= goal
+            out.append(f"- {label}: {value:.2f} (target {'>=' if higher else '<='} {goal}) {'MET' if met else 'NOT MET'}")
+
+    def best(section: str, prefix: str) -> dict | None:
+        cands = [r for (sec, m), r in ok.items() if sec == section and m.split("+")[0] == prefix and "ckpt" not in m]
+        return max(cands, key=lambda r: r["tokens_per_s"]) if cands else None
+
+    def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
+        return a[key] / b[key] if a and b and b[key] else None
+
+    for sec, goals in (("dense", (2.0, 1.4)), ("moe", (2.5, 1.5))):
+        lo = best(sec, "rl-lora")
+        name = f"{sec}: best regretless LoRA ({lo['method']})" if lo else f"{sec}: regretless LoRA"
+        check(f"{name} tokens/s vs PEFT eager", ratio(lo, ok.get((sec, "peft")), "tokens_per_s"), goals[0], True)
+        check(f"{name} tokens/s vs PEFT compiled", ratio(lo, ok.get((sec, "peft+compile")), "tokens_per_s"),
+              goals[1], True)
+        if sec == "dense":
+            check(f"{name} step time vs hf-full-bf16", ratio(lo, ok.get((sec, "hf-full-bf16")), "step_s"), 0.72, False)
+            peft = ok.get((sec, "peft"))
+            mem = lo["peak_mem_gib"] / peft["peak_mem_gib"] if lo and peft and peft["peak_mem_gib"] else None
+            check(f"{name} peak memory vs PEFT eager", mem, 0.6, False)
+            check(f"{name} MFU", lo["mfu"] if lo else None, 0.45, True)
+        else:
+            check("moe: rl-full step time vs hf-full-bf16", ratio(ok.get((sec, "rl-full")), ok.get((sec, "hf-full-bf16")),
+                                                                  "step_s"), 1.0, False)
+    return out
 
 
 def main() -> None:
