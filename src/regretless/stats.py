@@ -32,7 +32,7 @@ LEVEL = 0.95
 N_BOOT = 2000
 # the fit uses the best LR and its neighbours within half a grid step (after refinement), else one grid step:
 # the narrower window keeps the parabola's bias on skewed U-curves small
-WINDOWS_DECADES = (1 / 6 + 1e-6, 1 / 3 + 1e-6)
+WINDOWS_DECADES = (1 / 6 + 0.02, 1 / 3 + 0.02)  # + tolerance: grid LRs are rounded to 4 significant digits
 
 
 def verdict(interval: Sequence[float], region: Sequence[float]) -> str:
@@ -159,10 +159,11 @@ def _vertex(x: np.ndarray, y: np.ndarray, lo: float, hi: float) -> float:
 
 
 def lr_optimum(obs: Mapping[float, Sequence[float]], maximize: bool = False, n_boot: int = N_BOOT,
-               seed: int = 0, level: float = LEVEL, noise_sd: float | None = None) -> LrOptimum:
+               seed: int = 0, level: float = LEVEL, noise_sd: float | None = None, noise_df: int = 30
+               ) -> LrOptimum:
     """The optimum of a U-curve given as {lr: [score per seed]} (lower is better unless `maximize`).
-    `noise_sd`: a seed-noise SD known from elsewhere (e.g. pooled over the experiment), used when larger than
-    what this curve's own points show."""
+    `noise_sd` (with `noise_df` degrees of freedom): a seed-noise SD known from elsewhere (e.g. pooled over the
+    experiment), used when larger than what this curve's own points show."""
     sign = -1.0 if maximize else 1.0
     obs = {float(k): [sign * float(v) for v in vs] for k, vs in obs.items() if len(vs)}
     if not obs:
@@ -174,12 +175,14 @@ def lr_optimum(obs: Mapping[float, Sequence[float]], maximize: bool = False, n_b
     xb = math.log10(b)
     lo_w = math.log10(left) if left is not None else xb
     hi_w = math.log10(right) if right is not None else xb
-    fits = [f for w in WINDOWS_DECADES if (f := _window_fit(obs, means, b, w, noise_sd, n_boot, seed, level))]
+    fits = [f for w in WINDOWS_DECADES
+            if (f := _window_fit(obs, means, b, w, noise_sd, noise_df, n_boot, seed, level))]
     if not fits or not math.isfinite(means[b]):
-        # too few points to fit: the optimum lies between the neighbours of the best point
+        # too few points to fit, or no estimate of the noise: all the points say is that the optimum lies
+        # between the neighbours of the best point (drawn uniformly there when combined into a ratio)
         n_obs = sum(len(v) for v in obs.values())
-        return LrOptimum(b, 10 ** lo_w, 10 ** hi_w, b, sign * means[b], bracketed, len(means), n_obs,
-                         np.full(1, xb))
+        draws = np.random.default_rng(seed).uniform(lo_w, hi_w, n_boot) if hi_w > lo_w else np.full(1, xb)
+        return LrOptimum(b, 10 ** lo_w, 10 ** hi_w, b, sign * means[b], bracketed, len(means), n_obs, draws)
     x0, lo, hi, draws, n_obs = fits[0]
     for _, lo2, hi2, d2, _ in fits[1:]:  # the wider window's interval too: a skewed curve biases the narrow one
         lo, hi, draws = min(lo, lo2), max(hi, hi2), np.concatenate([draws, d2])
@@ -187,7 +190,7 @@ def lr_optimum(obs: Mapping[float, Sequence[float]], maximize: bool = False, n_b
 
 
 def _window_fit(obs: Mapping[float, Sequence[float]], means: Mapping[float, float], b: float, w: float,
-                noise_sd: float | None, n_boot: int, seed: int, level: float
+                noise_sd: float | None, noise_df: int, n_boot: int, seed: int, level: float
                 ) -> tuple[float, float, float, np.ndarray, int] | None:
     """Vertex of the parabola fitted within `w` decades of `b`, and its parametric-bootstrap interval:
     y* = fit + noise with the noise SD from the replicates (seeds) or the fit's residuals, whichever is
@@ -206,7 +209,9 @@ def _window_fit(obs: Mapping[float, Sequence[float]], means: Mapping[float, floa
     rep_sd, rep_df = pooled_sd([obs[lr] for lr in window])
     sd, df = max((resid_sd, dof), (0.0 if math.isnan(rep_sd) else rep_sd, rep_df))
     if noise_sd is not None and math.isfinite(noise_sd):
-        sd, df = max(sd, noise_sd), max(df, 30)
+        sd, df = max((sd, df), (noise_sd, noise_df))
+    if df <= 0:
+        return None  # an exact fit through 3 single points and no noise estimate: no interval to give
     sd *= t_quantile(max(df, 1), level) / t_quantile(math.inf, level)
     rng = np.random.default_rng(seed)
     draws = np.array([_vertex(xs, fitted + sd * rng.standard_normal(len(ys)), x_lo, x_hi) for _ in range(n_boot)])

@@ -63,9 +63,9 @@ def _fmt_iv(iv: S.Interval, pct: bool = False) -> str:
     return f"{f(iv.value)} [{f(iv.low)}, {f(iv.high)}]"
 
 
-def optimum(arm: A.Arm, sd: float) -> S.LrOptimum | None:
+def optimum(arm: A.Arm, noise: tuple[float, int]) -> S.LrOptimum | None:
     obs = arm.scores()
-    return S.lr_optimum(obs, maximize=arm.maximize, noise_sd=sd) if obs else None
+    return S.lr_optimum(obs, maximize=arm.maximize, noise_sd=noise[0], noise_df=noise[1]) if obs else None
 
 
 def best(arm: A.Arm) -> tuple[float, float, int] | None:
@@ -113,8 +113,8 @@ def lr_ratio(all_arms: dict[str, A.Arm], records: list[A.RunRecord]) -> dict[str
     arms = A.base_arms(all_arms)
     if "full" not in arms or len(arms) < 2:
         return _none("lr_ratio", "needs LR searches of FullFT and at least one LoRA rank", list(arms.values()))
-    sd, _ = A.pooled_seed_sd(all_arms.values())
-    opts = {k: optimum(a, sd) for k, a in arms.items()}
+    noise = A.pooled_seed_sd(all_arms.values())
+    opts = {k: optimum(a, noise) for k, a in arms.items()}
     lora = {k: o for k, o in opts.items() if k != "full" and o is not None}
     use = {k: o for k, o in lora.items() if A.rank_of(k) >= LR_RATIO_MIN_RANK} or lora
     from regretless.recipe import lora_lr_multiplier
@@ -215,7 +215,7 @@ def batch(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     if any(b is None for b in bests):
         return _none("batch", "an arm of the batch comparison has no finished runs", used)
     sd, df = A.pooled_seed_sd(all_arms.values())
-    opts = {a.name: optimum(a, sd) for a in used}
+    opts = {a.name: optimum(a, (sd, df)) for a in used}
     drop = base_loss(used[0]) - bests[0][1]
     (_, fs, nfs), (_, ls, nls), (_, fl, nfl), (_, ll, nll) = bests
     iv = S.diff_interval([(1, ll, nll), (-1, fl, nfl), (-1, ls, nls), (1, fs, nfs)], sd, df)
@@ -254,7 +254,7 @@ def placement(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     iv = S.diff_interval([(1, la, na), (-1, lm, nm)], sd, df)
     iv = S.Interval(iv.value / drop, iv.low / drop, iv.high / drop)
     v = S.verdict(iv.as_list(), (0.0, math.inf))
-    opts = {x.name: optimum(x, sd) for x in used}
+    opts = {x.name: optimum(x, (sd, df)) for x in used}
     bad = _unbracketed({m.name: opts[m.name], a.name: opts[a.name]})
     matched = (a.trainable_params or 0) >= (m.trainable_params or math.inf)
     reason = {HELD: "attention-only ends worse than MLP-only" + (" with at least as many parameters" if matched else ""),
@@ -299,7 +299,7 @@ def rl(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     base_iv = S.proportion_interval(base * n_eval, n_eval) if math.isfinite(base) else S.Interval(*[math.nan] * 3)
     h = 1.96 * math.sqrt((pf * (1 - pf) + base * (1 - base)) / max(n_eval, 1)) if math.isfinite(base) else math.nan
     learn = S.Interval(pf - base, pf - base - h, pf - base + h)
-    opts = {x.name: optimum(x, sd) for x in (f, lo)}
+    opts = {x.name: optimum(x, (sd, df)) for x in (f, lo)}
     measured = (f"held-out greedy accuracy ({n_eval} problems): base {_fmt_iv(base_iv)}, FullFT {pf:.3f}, "
                 f"r={lo.rank} {pl:.3f}; difference {_fmt_iv(iv)}")
     extra = {"base_accuracy": base_iv.value, "base_interval": base_iv.as_list(), "eval_size": n_eval,
