@@ -1,17 +1,13 @@
 """Reproduce the paper's five findings as a fair test: every condition gets its own adaptive LR search, the
 decisive runs are repeated with several seeds, and each finding's verdict comes from an effect with a 95%
-interval: held, did not hold, or inconclusive.
+interval: held, did not hold, or inconclusive. Rerunning with the same --out skips finished runs and replays
+the same search.
 
 Examples:
-  regretless reproduce --preset quick --out runs/quick
-      tiny-base (pretrained here in a minute), all five findings, 2 CPU cores, <= 15 minutes
-  regretless reproduce --preset standard --out runs/standard
-      SmolLM2-135M: capacity, LR ratio, placement; 2 CPU cores, <= 2 hours
-  regretless reproduce --model ./my-model --data chats.jsonl --only placement --out runs/mine
-      your own model (folder, GGUF or built-in) and SFT data
-  regretless reproduce --preset full --dry-run --out runs/full
-      what the GPU preset would run
-Rerunning with the same --out skips finished runs and replays the same search.
+  regretless reproduce --preset quick --out runs/quick        # tiny-base, all five findings, 2 CPU cores
+  regretless reproduce --preset standard --out runs/standard  # SmolLM2-135M: capacity, LR ratio, placement
+  regretless reproduce --model ./my-model --data chats.jsonl --only placement --out runs/mine  # your model, data
+  regretless reproduce --preset full --dry-run --out runs/full  # what the GPU preset would run
 """
 
 from __future__ import annotations
