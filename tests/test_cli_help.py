@@ -20,7 +20,7 @@ def examples(text: str) -> list[str]:
     start = next(i for i, line in enumerate(lines) if line.lower() == "examples:")
     out = []
     for line in lines[start + 1:]:
-        if not line.strip():
+        if not line.startswith("  "):  # a blank or unindented line ends the block
             break
         if not line.startswith("      "):
             out.append(line)
