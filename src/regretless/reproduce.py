@@ -85,9 +85,9 @@ QUICK = Preset(
     name="quick",
     description="tiny-base (1.1M-parameter Llama pretrained here), 480 GSM-style worked solutions, batch 4 vs 16, "
                 "RL on 3-term one-digit chain_sum",
-    model="tiny-base", data="gsm-symbolic:544", env="rg:chain_sum,min_terms=3,max_terms=3,max_digits=1",
-    sft={**_CPU, "epochs": 1.0, "batch_size": 4, "seq_len": 192, "eval_size": 64, "eval_points": 8},
-    rl={**_CPU, "steps": 20, "problems_per_step": 8, "group_size": 8, "max_new_tokens": 8, "train_size": 1000,
+    model="tiny-base", data="gsm-symbolic:512", env="rg:chain_sum,min_terms=3,max_terms=3,max_digits=1",
+    sft={**_CPU, "epochs": 1.0, "batch_size": 4, "seq_len": 192, "eval_size": 32, "eval_points": 8},
+    rl={**_CPU, "steps": 16, "problems_per_step": 8, "group_size": 8, "max_new_tokens": 8, "train_size": 1000,
         "eval_size": 200, "eval_every": 4},
     ranks=(1, 8, 64), large_batch=16, placement_rank=8, budget="2 CPU cores, <= 15 minutes",
     scale_note="A 1.1M-parameter model and ~120 optimizer steps: the paper's effects are measured at 8B "
