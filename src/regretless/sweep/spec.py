@@ -187,13 +187,14 @@ def lr_grid(center: float, points_per_decade: float = 2, decades: float = 2) -> 
 
 
 def recipe_center(cfg: Any, method: str) -> float:
-    """The recipe's LR for this run: regretless.recipe.default_lr(model_config, method, steps)."""
+    """The recipe's LR for this run: regretless.recipe.default_lr(model_config, method, steps, task)."""
     try:
         recipe = importlib.import_module("regretless.recipe")
     except ImportError:
         raise UserError("axes.lr: around_recipe needs regretless.recipe, which this install lacks; "
                         "give the LRs as a list or as {center: <lr>, ...}") from None
-    lr = recipe.default_lr(_model_config(cfg.model), method, getattr(cfg, "steps", None))
+    task = "rl" if hasattr(cfg, "env") else "sft"
+    lr = recipe.default_lr(_model_config(cfg.model), method, getattr(cfg, "steps", None), task=task)
     return float(lr[0] if isinstance(lr, tuple) else lr)  # default_lr returns (lr, reason)
 
 
