@@ -199,3 +199,36 @@ def test_llama_lora_step_fused_equals_unfused_cuda_bf16():
     for n, gr in out[True][1].items():
         want = out[False][1][n]
         assert ((gr - want).norm() / want.norm().clamp_min(1e-12)).item() < 3e-2, n
+
+
+@needs_cuda
+def test_expert_gate_up_fused_matches_separate_grouped_bf16():
+    """The fused gate/up expert adapter pair through grouped_mm (bf16) against the two separate adapters."""
+    from conftest import build_model, tiny_qwen3_moe_config
+
+    from regretless.lora.experts import LoRAExperts, routing_mode
+
+    cfg = tiny_qwen3_moe_config(hidden_size=64, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4)
+    model = build_model(cfg).to("cuda", torch.bfloat16)
+    apply_lora(model, LoRAConfig(rank=16, expert_rank=8))
+    _randomize_b(model)
+    experts = next(m for _, m in lora_modules(model) if isinstance(m, LoRAExperts))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(256, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    idx = torch.stack([torch.randperm(16, device="cuda", generator=g)[:4] for _ in range(256)])
+    w = torch.rand(256, 4, device="cuda", generator=g, dtype=torch.bfloat16)
+    assert routing_mode(x, experts._w_in_out("gate_up_proj")) == "grouped"
+    res = {}
+    for fused in (True, False):
+        experts.fuse_gate_up = fused
+        experts.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(True)
+        y = experts(xr, idx, w)
+        y.float().pow(2).mean().backward()
+        res[fused] = (y.float(), xr.grad.float(), {n: p.grad.float() for n, p in experts.named_parameters()
+                                                   if p.grad is not None})
+    rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+    assert rel(res[True][0], res[False][0]) < 1e-2 and rel(res[True][1], res[False][1]) < 2e-2
+    assert res[True][2].keys() == res[False][2].keys() and any("lora_B_up" in n for n in res[True][2])
+    for n in res[True][2]:
+        assert rel(res[True][2][n], res[False][2][n]) < 3e-2, n

@@ -210,3 +210,47 @@ def test_whole_model_fused_equals_unfused_fp32(ckpt):
     assert a[2].keys() == b[2].keys() and len(a[2]) == 2 * 7 * 2
     for n in a[2]:
         torch.testing.assert_close(a[2][n], b[2][n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def _experts_grads(model, ids, fused: bool):
+    from regretless.lora import LoRAExperts
+
+    for _, m in lora_modules(model):
+        if isinstance(m, LoRAExperts):
+            m.fuse_gate_up = fused
+    model.zero_grad(set_to_none=True)
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=emb, use_cache=False).logits
+    out.double().pow(2).mean().backward()
+    return out.detach(), emb.grad, {n: p.grad.clone() for n, p in lora_parameters(model) if "experts" in n}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # gate | up concatenated; gate/up interleaved
+def test_expert_gate_up_fused_equals_separate(family):
+    """The expert gate and up adapters as one block pair (x·[A_g; A_u]ᵀ, block-diagonal B in the layout's column
+    order) give the outputs and gradients of the two separate adapters; different gate and up ranks and scales."""
+    from test_lora_experts import tiny_gpt_oss_config
+
+    cfg = tiny_qwen3_moe_config() if family == "qwen3_moe" else tiny_gpt_oss_config()
+    model = build_model(cfg)
+    apply_lora(model, LoRAConfig(rank=4, expert_rank=2))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            if hasattr(m, "scales") and "gate" in getattr(m, "scales", {}):
+                m.scales["up"] = 3.0  # unequal scales: each block keeps its own
+            for n, p in m.named_parameters(recurse=False):
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+    experts = [m for _, m in lora_modules(model) if hasattr(m, "fuse_gate_up")]
+    assert experts and all(set(m.specs) >= {"gate", "up"} for m in experts)
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    a = _experts_grads(model, ids, True)
+    b = _experts_grads(model, ids, False)
+    tol = {"atol": 1e-6, "rtol": 1e-4}
+    torch.testing.assert_close(a[0], b[0], **tol)
+    torch.testing.assert_close(a[1], b[1], **tol)
+    assert a[2].keys() == b[2].keys() and any("lora_B_up" in n for n in a[2])
+    for n in a[2]:
+        assert torch.count_nonzero(a[2][n]) > 0, n
+        torch.testing.assert_close(a[2][n], b[2][n], **tol, msg=n)

@@ -207,6 +207,7 @@ class LoRAExperts(nn.Module):
                                                                       dtype=torch.float32)))  # (E, d_out, r)
         self.enabled = True
         self.merged = False
+        self.fuse_gate_up = True  # gate and up adapters in one pair of GEMMs (`_delta_gate_up`)
         self._backup: dict[str, torch.Tensor] = {}
 
     def __getattr__(self, name: str):  # the MoE block may read attributes of its experts (num_experts, ...)
@@ -236,16 +237,32 @@ class LoRAExperts(nn.Module):
     def _active(self) -> bool:
         return self.enabled and not self.merged
 
-    def _lora_in_out(self, key: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _lora_in_out(self, key: str, dtype: torch.dtype, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (E, in, r) and scale·B (E, r, out) in `dtype`: the scale rides on the small B, not on (S, out)."""
         A = self.lora_A(key).transpose(-2, -1).to(dtype)  # (E, in, r)
-        B = self.lora_B(key).transpose(-2, -1).to(dtype)  # (E, r, out)
+        B = (self.lora_B(key) * scale).transpose(-2, -1).to(dtype)  # (E, r, out)
         return A, B
+
+    def _delta_gate_up(self, x: torch.Tensor, mm) -> torch.Tensor:
+        """Gate and up adapters of a fused gate_up_proj as one low-rank pair: x·[A_g; A_u]ᵀ (x read once) times a
+        block matrix [[s_g·B_gᵀ, 0], [0, s_u·B_uᵀ]] whose columns follow the layout (concatenated or interleaved),
+        so the (S, 2I) delta comes out of one GEMM with no cat."""
+        Ag, Bg = _pad_rank(*self._lora_in_out("gate", x.dtype, self.scales["gate"]), 8)  # (E, H, rg), (E, rg, I)
+        Au, Bu = _pad_rank(*self._lora_in_out("up", x.dtype, self.scales["up"]), 8)  # (E, H, ru), (E, ru, I)
+        zg, zu = Bg.new_zeros(Bg.shape), Bu.new_zeros(Bu.shape)
+        if self.layout.concatenated:
+            rows_g, rows_u = torch.cat([Bg, zg], -1), torch.cat([zu, Bu], -1)  # (E, r, 2I): gate | up columns
+        else:
+            rows_g, rows_u = torch.stack([Bg, zg], -1).flatten(-2), torch.stack([zu, Bu], -1).flatten(-2)
+        return mm(mm(x, torch.cat([Ag, Au], -1)), torch.cat([rows_g, rows_u], -2))  # (S, 2I)
 
     def _delta(self, param: str, x: torch.Tensor, mm) -> torch.Tensor | None:
         """s·(x·Aᵀ)·Bᵀ for every adapted matrix of `param`, laid out as the base parameter's outputs."""
         keys = [k for k, (p, *_) in self.specs.items() if p == param] if self._active() else []
         if not keys:
             return None
+        if self.fuse_gate_up and sorted(keys) == ["gate", "up"]:
+            return self._delta_gate_up(x, mm)
         parts = {}
         for k in keys:
             A, B = self._lora_in_out(k, x.dtype)
