@@ -14,7 +14,8 @@ Methods
                  regretless code: the reference of the issue's "0.72x a plain bf16 FullFT step"
   rl-full        regretless FullFT as the trainer runs it on CUDA: fp32 master weights, bf16 autocast, lm.nll_sum
   rl-lora        regretless LoRA: frozen bf16 base, fp32 adapters, bf16 autocast, lm.nll_sum (chunked CE);
-                 `-nogroup` = the same with the shared-input group fusion turned off (A/B of that change)
+                 `-nogroup` = the same with the q/k/v, gate/up group fusion and the experts' gate/up pair
+                 turned off (A/B of those changes)
   peft           transformers + PEFT LoRA (target_modules, and target_parameters for fused experts), HF loss
   +compile       `torch.compile` of the transformer trunk in place (as `compile=true` in the trainer)
   +ckpt          activation checkpointing of every decoder layer (non-reentrant), as `gradient_checkpointing=true`
@@ -96,6 +97,7 @@ def cases(tiny: bool) -> list[Case]:
         Case("moe", m, "rl-lora", B, T, est_s=40), Case("moe", m, "peft", B, T, est_s=45),
         Case("moe", m, "hf-full-bf16", B, T, est_s=45), Case("moe", m, "rl-full", B, T, est_s=60),
         Case("long", d, "rl-lora", 1, TL, est_s=25), Case("long", d, "rl-lora", 1, TL, ckpt=True, est_s=25),
+        Case("moe", m, "rl-lora-nogroup", B, T, est_s=40),
         Case("dense", d, "peft", B, T, compile=True, est_s=120), Case("dense", d, "rl-lora", B, T, compile=True, est_s=120),
         Case("moe", m, "rl-lora", B, T, compile=True, est_s=150), Case("moe", m, "peft", B, T, compile=True, est_s=150),
     ]
@@ -139,8 +141,10 @@ def set_group_fusion(model, on: bool) -> None:
     from regretless.lora import lora_modules
 
     for _, m in lora_modules(model):
-        if hasattr(m, "group_fusion"):
+        if hasattr(m, "group_fusion"):  # dense q/k/v and gate/up groups
             m.group_fusion = on
+        if hasattr(m, "fuse_gate_up"):  # routed experts' gate/up pair
+            m.fuse_gate_up = on
 
 
 def run_case(c: Case, args, device: str) -> dict:
