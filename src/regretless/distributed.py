@@ -74,6 +74,8 @@ def init() -> None:
             raise UserError(f"WORLD_SIZE={world()} but {key} is not set; launch with torchrun "
                             "(torchrun --nproc-per-node N -m regretless ...)")
     nccl = torch.cuda.is_available() and torch.distributed.is_nccl_available()
+    if nccl and int(os.environ["LOCAL_RANK"]) < torch.cuda.device_count():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before any NCCL call: one GPU a rank
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
     torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", timeout=timeout)
 
@@ -83,6 +85,9 @@ def local_device(device: torch.device) -> torch.device:
     if not active() or device.type != "cuda":
         return device
     index = int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= torch.cuda.device_count():
+        raise UserError(f"local rank {index}: this node has {torch.cuda.device_count()} GPUs; start at most that "
+                        "many processes a node (torchrun --nproc-per-node), or pass --device cpu")
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
