@@ -376,7 +376,7 @@ def load_checkpoint(ck: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     msd, osd = _state_dicts(model, optimizer)
     sd = {"model": msd, "optim": osd}
     try:
-        dcp.load(sd, checkpoint_id=str(ck / "dcp"))
+        dcp.load(sd, checkpoint_id=str(ck / "dcp"), no_dist=not active())  # one process reads all shards
     except Exception as e:  # noqa: BLE001 - a checkpoint of another model or setup
         raise UserError(f"{ck}: cannot load ({str(e).strip().splitlines()[0][:200]}); it belongs to a "
                         "different setup") from None

@@ -206,6 +206,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
 
     distributed.init()  # torchrun: join the job (one process: nothing)
     check_run(cfg)
+    distributed.global_micro_batch(cfg.micro_batch_size, cfg.batch_size)  # torchrun: fits the world size
     examples = data.load_examples(cfg.data, seed=cfg.data_seed)  # bad data fails before anything is written
     check_model(cfg)
     train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_size, cfg.data_seed)  # same eval set every seed
