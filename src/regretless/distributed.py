@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -376,7 +377,9 @@ def load_checkpoint(ck: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     msd, osd = _state_dicts(model, optimizer)
     sd = {"model": msd, "optim": osd}
     try:
-        dcp.load(sd, checkpoint_id=str(ck / "dcp"), no_dist=not active())  # one process reads all shards
+        with warnings.catch_warnings():  # one process reads every rank's shard: what we mean, no warning
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(sd, checkpoint_id=str(ck / "dcp"), no_dist=not active())
     except Exception as e:  # noqa: BLE001 - a checkpoint of another model or setup
         raise UserError(f"{ck}: cannot load ({str(e).strip().splitlines()[0][:200]}); it belongs to a "
                         "different setup") from None
