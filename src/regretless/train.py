@@ -244,7 +244,8 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
     state = {"tokens": 0, "first_loss": None, "last_loss": None, "best_eval": None, "last_eval": None,
              "wall_s": 0.0}
     start, ckpt, metrics = restore(out, model, optimizer, state, resume)
-    metrics = progress.lines(tracking.track(metrics, cfg, out), total, start, "sft")  # + trackers, progress lines
+    if distributed.is_main():  # torchrun: rank 0 alone tracks and prints progress
+        metrics = progress.lines(tracking.track(metrics, cfg, out), total, start, "sft")  # + trackers, progress
     if start:
         log(f"resumed from step {start}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -137,7 +137,8 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
                              "episodes": 0, "wall_s": 0.0, "collapse": collapse.new_tracker()}
     vocab = model.get_output_embeddings().weight.shape[0]
     start, ckpt, metrics = restore(out, model, optimizer, state, resume)
-    metrics = progress.lines(tracking.track(metrics, cfg, out), cfg.steps, start, "rl")  # + trackers, progress
+    if distributed.is_main():  # torchrun: rank 0 alone tracks and prints progress
+        metrics = progress.lines(tracking.track(metrics, cfg, out), cfg.steps, start, "rl")  # + trackers, progress
     if start:
         log(f"resumed from step {start}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
