@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "regretless"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config and rules", ("errors", "config", "lora.config", "recipe", "recipe_fit", "known_models", "stats",
                           "tracking", "progress")),
-    ("model loading", ("assets", "models")),
+    ("model loading", ("assets", "models", "distributed")),
     ("LoRA engine", ("lora", "counts")),
     ("data and RL pieces", ("data", "lm", "rl.envs", "rl.extract", "rl.sampling", "rl.loss", "rl.step",
                             "rl.evaluate", "rl.collapse")),
@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sweep", ("sweep",)),
     ("report", ("report",)),
     ("reproduce", ("reproduce",)),
-    ("CLI", ("commands", "cli")),
+    ("CLI", ("commands", "cli", "__main__")),
 ]
 
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regretless import distributed
+
 CHUNK = 4096  # positions per LM-head chunk
 
 
@@ -39,6 +41,7 @@ def _head_logits(model: nn.Module, h_N_H: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+@distributed.through_root  # torchrun: trunk and head run inside the FSDP root's hooks
 def target_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], targets_B_T: torch.Tensor,
                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(targets[b, t] | inputs[b, :t+1]) at every position where targets != -100 (the label of the *next*

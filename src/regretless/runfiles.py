@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 
+from regretless import distributed
 from regretless.config import atomic_write_text, save_config, to_dict, umask_mode
 from regretless.errors import UserError
 
@@ -102,7 +103,14 @@ def _check_folder(out: Path, cfg: Any, command: str, resume: bool) -> None:
 def open_run(cfg: Any, command: str, resume: bool) -> Iterator[tuple[Path, dict | None]]:
     """The prologue of every trainer: `with open_run(cfg, "sft", resume) as (out, done):` checks the folder,
     takes its lock (held until the block ends), writes config.yaml and yields (run folder, its summary if the
-    run already finished). Refuses to mix two runs in one folder; on refusal nothing on disk changes."""
+    run already finished). Refuses to mix two runs in one folder; on refusal nothing on disk changes.
+    Under torchrun rank 0 does all this (and holds the lock); every rank gets its answer or its UserError."""
+    with distributed.rank0_context(lambda: _open_run(cfg, command, resume)) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def _open_run(cfg: Any, command: str, resume: bool) -> Iterator[tuple[Path, dict | None]]:
     if not cfg.out:
         raise UserError("--out: required; the folder where the run's files go")
     out = Path(cfg.out)
@@ -146,6 +154,8 @@ def read_json(path: Path) -> dict | None:
 
 
 def write_summary(out: Path, summary: dict) -> None:
+    if not distributed.is_main():  # torchrun: rank 0 writes run files
+        return
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
 
 
@@ -154,6 +164,9 @@ class MetricsLog:
 
     def __init__(self, out: Path, keep_until_step: int | None = None):
         self.path = out / "metrics.jsonl"
+        self._f = None
+        if not distributed.is_main():  # torchrun: rank 0 writes run files
+            return
         if keep_until_step is not None and self.path.exists():
             kept = []
             for line in self.path.read_text().splitlines():
@@ -170,12 +183,15 @@ class MetricsLog:
         self._f = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed by close()
 
     def write(self, record: dict) -> None:
+        if self._f is None:
+            return
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -190,6 +206,8 @@ class Checkpointer:
         self.keep = keep
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+        if distributed.active():  # torchrun: sharded, through torch.distributed.checkpoint
+            return distributed.save_checkpoint(self.dir, step, model, optimizer, state, self.keep)
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step:08d}"
         tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=".tmp-"))
@@ -224,6 +242,8 @@ class Checkpointer:
         if not done:
             return None
         ck = done[-1]
+        if distributed.active() or (ck / "dcp").is_dir():  # written by (or read into) a torchrun job
+            return distributed.load_checkpoint(ck, model, optimizer)
         params = dict(model.named_parameters())
         saved = torch.load(ck / "trainable.pt", map_location="cpu")
         missing = [n for n, p in params.items() if p.requires_grad and n not in saved]

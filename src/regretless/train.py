@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from regretless import lm
+from regretless import distributed, lm
 from regretless.config import SFTConfig
 from regretless.data.batching import collate, step_plan, steps_per_epoch
 from regretless.errors import UserError
@@ -42,7 +42,8 @@ from regretless.runfiles import normal_modes, open_run, restore, save_atomically
 
 
 def log(msg: str) -> None:
-    print(f"[regretless] {msg}", file=sys.stderr, flush=True)
+    if distributed.is_main():  # torchrun: rank 0 speaks for the job
+        print(f"[regretless] {msg}", file=sys.stderr, flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -54,7 +55,7 @@ def seed_everything(seed: int) -> None:
 def setup_policy(cfg: Any):
     """(model, tokenizer, model_path, device, autocast_dtype, lora_report). LoRA bases load in bf16 on CUDA
     (frozen), FullFT keeps fp32 master weights; both compute under bf16 autocast on CUDA."""
-    device = default_device(cfg.device)
+    device = distributed.local_device(default_device(cfg.device))  # torchrun: cuda:LOCAL_RANK
     amp = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")) else None
     weights = torch.bfloat16 if (amp is not None and cfg.lora is not None and device.type == "cuda") else torch.float32
     model, tok, path = load_model(cfg.model, device=device, dtype=weights)
@@ -71,6 +72,7 @@ def setup_policy(cfg: Any):
             log(f"freeze_embeddings: {n:,} parameters of the input embeddings and LM head stay fixed")
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    distributed.shard(model, amp, lora=cfg.lora is not None)  # torchrun: FSDP2 over all ranks; else nothing
     if cfg.compile:
         trunk = getattr(model, "base_model", model)
         trunk.compile()  # in place: parameter names, checkpoints and adapters are unchanged
@@ -148,14 +150,21 @@ def set_lr(optimizer: torch.optim.Optimizer, mult: float) -> float:
 
 
 def save_final(model, tok, cfg: Any, out: Path, model_path: Path) -> None:
+    """adapter/ or model/; under torchrun gathered whole (fp32) and written once, by rank 0."""
     if cfg.lora is not None:
-        save_adapter(model, out / "adapter", cfg.lora, base_model=str(model_path))
-        normal_modes(out / "adapter")  # safetensors writes 0600
+        with distributed.gathered(model):
+            if distributed.is_main():
+                save_adapter(model, out / "adapter", cfg.lora, base_model=str(model_path))
+                normal_modes(out / "adapter")  # safetensors writes 0600
     else:
+        sd = distributed.full_state_dict(model)  # torchrun: the fp32 masters on rank 0; one process: None
+
         def write(tmp: Path) -> None:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=sd)
             tok.save_pretrained(tmp)
-        save_atomically(out, "model", write)
+        if distributed.is_main():
+            save_atomically(out, "model", write)
+    distributed.barrier()
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -183,9 +192,11 @@ def evaluate(model, eval_batches: list[dict], device, amp) -> float:
     model.eval()
     total, n = 0.0, 0
     for b in eval_batches:
-        with autocast(device, amp):
-            s, k = lm.nll_sum(model, to_device(b, device, amp, model))
-        total, n = total + s.item(), n + k
+        for part, w in distributed.rank_rows([to_device(b, device, amp, model)]):  # torchrun: this rank's rows
+            with autocast(device, amp):
+                s, k = lm.nll_sum(model, part)
+            total, n = total + s.item() * w, n + k * w
+    total, n = distributed.all_sum([total, n])
     return total / max(n, 1)
 
 
@@ -193,7 +204,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     """Train; returns the summary (also written to out/summary.json)."""
     from regretless import data
 
+    distributed.init()  # torchrun: join the job (one process: nothing)
     check_run(cfg)
+    distributed.global_micro_batch(cfg.micro_batch_size, cfg.batch_size)  # torchrun: fits the world size
     examples = data.load_examples(cfg.data, seed=cfg.data_seed)  # bad data fails before anything is written
     check_model(cfg)
     train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_size, cfg.data_seed)  # same eval set every seed
@@ -215,7 +228,7 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
     if eval_ex:  # eval_size=0: no held-out split, no eval
         eval_tok, eval_stats = data.tokenize(eval_ex, tok, cfg.seq_len, cfg.too_long, source=f"{cfg.data} (eval)")
         log(eval_stats.summary())
-    micro = cfg.micro_batch_size or cfg.batch_size
+    micro = distributed.global_micro_batch(cfg.micro_batch_size, cfg.batch_size)  # torchrun: over all ranks
     accum = cfg.batch_size // micro
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     per_epoch = steps_per_epoch(len(train_tok), cfg.batch_size)
@@ -231,7 +244,8 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
     state = {"tokens": 0, "first_loss": None, "last_loss": None, "best_eval": None, "last_eval": None,
              "wall_s": 0.0}
     start, ckpt, metrics = restore(out, model, optimizer, state, resume)
-    metrics = progress.lines(tracking.track(metrics, cfg, out), total, start, "sft")  # + trackers, progress lines
+    if distributed.is_main():  # torchrun: rank 0 alone tracks and prints progress
+        metrics = progress.lines(tracking.track(metrics, cfg, out), total, start, "sft")  # + trackers, progress
     if start:
         log(f"resumed from step {start}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -270,7 +284,7 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
     if start == 0 and eval_batches:
         metrics.write({"step": 0, "eval_loss": do_eval(0), "tokens": 0})
     bar = tqdm(total=total, initial=start, desc="sft", file=sys.stderr, dynamic_ncols=True,
-               disable=None, mininterval=1.0)
+               disable=None if distributed.is_main() else True, mininterval=1.0)
     for step in range(start, total):
         t0 = time.perf_counter()
         model.train()
@@ -278,11 +292,12 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
         parts = [to_device(b, device, amp, model) for b in step_parts(step)]
         n_tok = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts)
         loss_sum = 0.0
-        for b in parts:  # the step's loss is the token-weighted mean over all its micro-batches
-            with autocast(device, amp):
+        for b, w in distributed.rank_rows(parts):  # the step's loss is the token-weighted mean over all its
+            with autocast(device, amp):  # micro-batches (torchrun: this rank's rows of each, over all ranks')
                 s, _ = lm.nll_sum(model, b)
-            (s / max(n_tok, 1)).backward()
-            loss_sum += s.item()
+            (s * w / max(n_tok, 1)).backward()
+            loss_sum += s.item() * w
+        loss_sum = distributed.all_sum([loss_sum])[0]
         gnorm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         loss = loss_sum / max(n_tok, 1)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from regretless import distributed
 from regretless.errors import UserError
 from regretless.rl.envs import Env, Problem
 from regretless.rl.sampling import sample
@@ -53,6 +54,7 @@ class EvalResult:
 
 
 @torch.no_grad()
+@distributed.gathered_decoding  # torchrun: one gather for all its batches (ranks may differ in count)
 def greedy_eval(model: torch.nn.Module, tokenizer, env: Env, problems: list[Problem],
                 prompt_ids: list[list[int]], max_new_tokens: int, stop: tuple[str, ...] = (),
                 batch_size: int = 32) -> EvalResult:

@@ -10,8 +10,9 @@ As in the paper: Adam(W), constant LR, group-mean advantages without std divisio
 the importance ratio. Departures: one optimizer step per sampled batch (fully on-policy up to sampler/learner
 numerical differences, so the ratio is ~1; the correction matters for bf16 sampling and any future async
 sampler); grad-norm clipping at 1.0 by default; the KL reference is the base model (adapters off for LoRA, a
-frozen copy for FullFT) and is off by default. Problems are drawn in a seeded shuffled order and every step's
-sampling generator is seeded by (seed, step), so a resumed run repeats an uninterrupted one.
+frozen copy for FullFT) and is off by default. Problems are drawn in a seeded shuffled order and each problem's
+sampling generator is seeded by (seed, step, slot), so a resumed run repeats an uninterrupted one and a torchrun
+job, whose ranks each sample their share of the problems, samples what one process does.
 
 A run ends as `diverged` (exit 3), never `done`, when its loss or gradient is not finite, or (`collapse_check`)
 when the policy collapsed: entropy near ln V, reward gone for good, or held-out accuracy gone
@@ -32,14 +33,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from regretless import progress, tracking
+from regretless import distributed, progress, tracking
 from regretless.config import RLConfig
 from regretless.errors import UserError
 from regretless.lora import adapters_disabled
 from regretless.preflight import check_model, check_run
 from regretless.rl import collapse
 from regretless.rl.envs import Env, make_env
-from regretless.rl.evaluate import encode_problems, greedy_eval
+from regretless.rl.evaluate import EvalResult, encode_problems, greedy_eval
 from regretless.rl.step import Reference, policy_gradient_step
 from regretless.runfiles import open_run, restore, write_summary
 from regretless.train import (
@@ -70,25 +71,41 @@ def problem_indices(step: int, per_step: int, pool: int, seed: int) -> list[int]
     return out
 
 
+def sample_seed(seed: int, step: int, slot: int) -> int:
+    """The seed of the sampling generator of the `slot`-th problem of `step`: each problem's completions depend
+    on (seed, step, slot) alone, whichever process samples it and whatever else is in its batch."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + slot) % (1 << 63)
+
+
 def context_length(model_config: Any) -> int | None:
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     n = getattr(text, "max_position_embeddings", None)
     return n if isinstance(n, int) and n > 0 else None
 
 
-def build_reference(model: torch.nn.Module, cfg: RLConfig) -> Reference | None:
+def build_reference(model: torch.nn.Module, cfg: RLConfig, amp: torch.dtype | None = None) -> Reference | None:
     """The KL reference policy, the base model. LoRA: adapters off (no copy). FullFT: a frozen copy."""
     if cfg.kl_coef <= 0:
         return None
     if cfg.lora is not None:
         return lambda: adapters_disabled(model)
+    if distributed.is_sharded(model):  # torchrun: the base reloaded and sharded like the policy
+        from regretless.models import load_model
+
+        frozen = load_model(cfg.model, device=next(model.parameters()).device, quiet=True)[0].requires_grad_(False)
+        distributed.shard(frozen, amp, lora=False)
+        return lambda: contextlib.nullcontext(frozen)
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     return lambda: contextlib.nullcontext(frozen)
 
 
 def run_rl(cfg: RLConfig, resume: bool = False) -> dict:
     """Train; returns the summary (also written to out/summary.json)."""
+    distributed.init()  # torchrun: join the job (one process: nothing)
     check_run(cfg)
+    if cfg.problems_per_step < distributed.world():
+        raise UserError(f"field 'problems_per_step': {cfg.problems_per_step} problems cannot be shared by "
+                        f"{distributed.world()} processes; expected at least one per process")
     env = make_env(cfg.env, cfg.data_seed, cfg.train_size, cfg.eval_size)  # same problems for every seed
     check_model(cfg)
     with open_run(cfg, "rl", resume) as (out, done):
@@ -115,12 +132,13 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
 
     lr = resolve_lr(cfg, model, cfg.steps)
     optimizer = build_optimizer(model, cfg, lr)
-    reference = build_reference(model, cfg)  # before resuming: the reference is the base model
+    reference = build_reference(model, cfg, amp)  # before resuming: the reference is the base model
     state: dict[str, Any] = {"first_eval": None, "last_eval": None, "best_eval": None, "last_reward": None,
                              "episodes": 0, "wall_s": 0.0, "collapse": collapse.new_tracker()}
     vocab = model.get_output_embeddings().weight.shape[0]
     start, ckpt, metrics = restore(out, model, optimizer, state, resume)
-    metrics = progress.lines(tracking.track(metrics, cfg, out), cfg.steps, start, "rl")  # + trackers, progress
+    if distributed.is_main():  # torchrun: rank 0 alone tracks and prints progress
+        metrics = progress.lines(tracking.track(metrics, cfg, out), cfg.steps, start, "rl")  # + trackers, progress
     if start:
         log(f"resumed from step {start}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -132,9 +150,15 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
         return autocast(device, amp)
 
     def do_eval() -> dict[str, float]:
+        lo, hi = distributed.share(len(eval_problems))  # torchrun: this rank's share; one process: all
         with amp_ctx():
-            res = greedy_eval(model, tok, env, eval_problems, eval_ids, cfg.max_new_tokens, cfg.stop,
-                              batch_size=max(cfg.micro_batch_size, cfg.problems_per_step * cfg.group_size))
+            res = greedy_eval(model, tok, env, eval_problems[lo:hi], eval_ids[lo:hi], cfg.max_new_tokens,
+                              cfg.stop, batch_size=max(cfg.micro_batch_size, cfg.problems_per_step * cfg.group_size))
+        if distributed.active():
+            n = float(res.n)
+            res = EvalResult(n=len(eval_problems), **distributed.mean_over_ranks(
+                {"accuracy": res.accuracy, "frac_no_answer": res.frac_no_answer, "response_len": res.response_len},
+                {"accuracy": n, "frac_no_answer": n, "response_len": n}))
         state["last_eval"] = res.accuracy
         best = state["best_eval"]
         state["best_eval"] = res.accuracy if best is None else max(res.accuracy, best)
@@ -156,15 +180,16 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
     if start == 0 and eval_problems:
         metrics.write({"step": 0, **do_eval()})
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=cfg.steps, initial=start, desc="rl", file=sys.stderr, dynamic_ncols=True, disable=None,
-               mininterval=1.0)
+    bar = tqdm(total=cfg.steps, initial=start, desc="rl", file=sys.stderr, dynamic_ncols=True,
+               disable=None if distributed.is_main() else True, mininterval=1.0)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         cur_lr = set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg))
-        idx = problem_indices(step, cfg.problems_per_step, len(problems), cfg.seed)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+        lo, hi = distributed.share(cfg.problems_per_step)  # torchrun: this rank's problems; one process: all
+        idx = problem_indices(step, cfg.problems_per_step, len(problems), cfg.seed)[lo:hi]
+        gens = [torch.Generator(device=device).manual_seed(sample_seed(cfg.seed, step, k)) for k in range(lo, hi)]
         m, _ = policy_gradient_step(model, tok, env, [problems[i] for i in idx], [prompt_ids[i] for i in idx],
-                                    cfg, gen, reference, amp_ctx)
+                                    cfg, gens, reference, amp_ctx)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not (math.isfinite(m["pg_loss"]) and math.isfinite(gnorm)):

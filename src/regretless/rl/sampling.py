@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from regretless import distributed
 from regretless.lm import cache_kw, has_trunk, head_logprobs, target_logprobs
 
 
@@ -70,7 +72,18 @@ def sampling_logprobs(logits_N_V: torch.Tensor, temperature: float, top_p: float
     return logq_N_V
 
 
-def _draw(logits_N_V: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+def _exponentials(shape: torch.Size, generator: Any, device: torch.device) -> torch.Tensor:
+    """Exp(1) draws of `shape` (rows, V): from one generator, or, for `(generators, rows_per_prompt)`, each
+    prompt's rows from that prompt's own generator (its samples then do not depend on the other prompts)."""
+    if not isinstance(generator, tuple):
+        gen_device = generator.device if generator is not None else device
+        return torch.empty(shape, device=gen_device).exponential_(generator=generator).to(device)
+    gens, counts = generator
+    return torch.cat([torch.empty((k, shape[-1]), device=g.device).exponential_(generator=g).to(device)
+                      for g, k in zip(gens, counts) if k])
+
+
+def _draw(logits_N_V: torch.Tensor, temperature: float, top_p: float, generator: Any
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens_N, logq_N): greedy (log q = 0) when temperature == 0, else a draw from `sampling_logprobs`."""
     if temperature == 0:
@@ -78,18 +91,21 @@ def _draw(logits_N_V: torch.Tensor, temperature: float, top_p: float, generator:
     logq_N_V = sampling_logprobs(logits_N_V, temperature, top_p)
     # exponential race: argmax_i q_i / E_i with E_i ~ Exp(1) draws i with probability q_i (one vectorized pass;
     # torch.multinomial was 18% of CPU sampling time). log q_i - log E_i: the same argmax, no underflow.
-    gen_device = generator.device if generator is not None else logq_N_V.device
-    race_N_V = torch.empty(logq_N_V.shape, device=gen_device).exponential_(generator=generator)
-    tok_N = (logq_N_V - race_N_V.to(logq_N_V.device).log()).argmax(-1)
+    race_N_V = _exponentials(logq_N_V.shape, generator, logq_N_V.device)
+    tok_N = (logq_N_V - race_N_V.log()).argmax(-1)
     return tok_N, logq_N_V.gather(-1, tok_N[:, None]).squeeze(-1)
 
 
 @torch.no_grad()
+@distributed.gathered_decoding  # torchrun: the model gathered once, not once per token
 def sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]], n: int, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, stop: tuple[str, ...] | list[str] = (),
-           eos_token_ids: list[int] | None = None, generator: torch.Generator | None = None,
+           eos_token_ids: list[int] | None = None,
+           generator: torch.Generator | list[torch.Generator] | None = None,
            pad_token_id: int | None = None) -> SampleBatch:
-    """Sample `n` completions per prompt (N = len(prompts) * n rows); see the module docstring."""
+    """Sample `n` completions per prompt (N = len(prompts) * n rows); see the module docstring. `generator` is
+    one generator for all rows or one per prompt (a list: each prompt's completions then depend only on its own
+    generator, whatever else is in the batch, which is how a torchrun job samples what one process does)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     if eos_token_ids is None:
@@ -122,7 +138,10 @@ def sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]]
     stopped_N = torch.zeros(N, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         logp_A_V = torch.log_softmax(logits_A_V, dim=-1)  # the temperature-1 policy
-        tok_A, logq_A = _draw(logits_A_V, temperature, top_p, generator)
+        gen = generator
+        if isinstance(generator, list):  # rows alive per prompt (rows stay prompt-major)
+            gen = (generator, torch.bincount(alive_A // n, minlength=len(prompts_token_ids)).tolist())
+        tok_A, logq_A = _draw(logits_A_V, temperature, top_p, gen)
         tokens_N_T[alive_A, t] = tok_A
         logp_N_T[alive_A, t] = logq_A
         entropy_N_T[alive_A, t] = -(logp_A_V.exp() * logp_A_V).sum(-1)
@@ -182,6 +201,7 @@ def completion_logprobs(model: torch.nn.Module, prompts_token_ids: list[list[int
     return logp_N_T.masked_scatter(mask_N_T.to(device), logp_M)
 
 
+@distributed.through_root  # torchrun: trunk and head run inside the FSDP root's hooks
 def group_completion_logprobs(model: torch.nn.Module, prompts_token_ids: list[list[int]], group_size: int,
                               tokens_N_T: torch.Tensor, mask_N_T: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     """`completion_logprobs` for rows in groups of `group_size` completions of one prompt each (row i * G + j is

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from regretless import distributed
 from regretless.config import RLConfig
 from regretless.rl.envs import Env, Problem
 from regretless.rl.loss import constant_groups, group_advantages, pg_loss
@@ -53,7 +54,8 @@ def _masked_mean(x_N_T: torch.Tensor, mask_N_T: torch.Tensor) -> float:
 
 
 def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: list[Problem],
-                         prompt_ids: list[list[int]], cfg: RLConfig, generator: torch.Generator | None = None,
+                         prompt_ids: list[list[int]], cfg: RLConfig,
+                         generator: torch.Generator | list[torch.Generator] | None = None,
                          reference: Reference | None = None,
                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                          ) -> tuple[dict[str, float], SampleBatch]:
@@ -84,8 +86,13 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
                                 "log_ratio_max": 0.0}
     trained_tokens = 0
     per_micro = max(1, cfg.micro_batch_size // G)  # whole groups: each prompt runs once for its G completions
-    for start in range(0, len(train_groups), per_micro):
-        groups = train_groups[start:start + per_micro]
+    n_micro = -(-len(train_groups) // per_micro)
+    # torchrun: the loss is normalised by the whole step's tokens (all ranks), and every rank runs as many
+    # forwards as the busiest one (FSDP's collectives pair up); one process: both are this process's own
+    num_tokens = max(distributed.all_sum([batch.num_tokens])[0], 1)
+    for i in range(distributed.all_max(n_micro)):
+        dummy = i >= n_micro  # torchrun: this rank ran out of informative groups; group 0 at weight 0
+        groups = [0] if dummy else train_groups[i * per_micro:(i + 1) * per_micro]
         rows = [p * G + j for p in groups for j in range(G)]
         T = int(batch.lengths_N[rows].max())
         tokens_B_T, mask_B_T = batch.tokens_N_T[rows, :T], batch.mask_N_T[rows, :T]
@@ -100,7 +107,10 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
         logp_old_B_T = batch.logp_N_T[rows, :T].to(device)
         loss, stats = pg_loss(logp_new_B_T, logp_old_B_T, adv_N[rows].to(device),
                               mask_B_T.to(device), clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
-                              logp_ref_B_T=logp_ref_B_T, num_tokens=max(batch.num_tokens, 1))
+                              logp_ref_B_T=logp_ref_B_T, num_tokens=num_tokens)
+        if dummy:
+            (loss * 0.0).backward()
+            continue
         loss.backward()
         with torch.no_grad():
             gap = ((logp_new_B_T - logp_old_B_T).abs() * mask_B_T.to(device)).max()
@@ -132,6 +142,13 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
         "train_tokens_per_s": trained_tokens / train_s if trained_tokens else 0.0,
         "trained_sequences": float(len(train_rows)),
     }
+    if distributed.active():  # torchrun: each mean over every rank's samples (unweighted keys are summed)
+        n_rows, n_sampled = float(len(grades)), float(batch.mask_N_T.sum())
+        metrics = distributed.mean_over_ranks(metrics, {
+            "reward": n_rows, "accuracy": n_rows, "response_len": n_rows, "frac_no_answer": n_rows,
+            "frac_stopped": n_rows, "frac_constant_groups": float(len(problems)), "entropy": n_sampled,
+            "ratio_mean": totals["tokens"], "clip_frac": totals["tokens"], "kl": totals["tokens"]},
+            maxima=("log_ratio_max",))
     return metrics, batch
 
 
