@@ -52,7 +52,7 @@ def test_entropy_rule_needs_a_low_start_and_two_steps():
     assert run([(1.0, 0.3), (high, 0.3), (1.0, 0.3), (high, 0.3)]) == (None, None)
     near_uniform_start = [(LN_V - 0.05, 0.3)] * 10  # a random-init model starts near ln V
     assert run(near_uniform_start) == (None, None)
-    # what docs/results/quick's tiny-base RL runs showed (vocab 2048): 0.81 nats, then 7.1-7.2 > 0.9 ln 2048 = 6.86
+    # what the first quick preset's tiny-base RL runs showed (git history) (vocab 2048): 0.81 nats, then 7.1-7.2 > 0.9 ln 2048 = 6.86
     assert run([(0.81, 0.03), (1.3, 0.0), (7.17, 0.0), (7.2, 0.0)], vocab=2048)[0] == 4
 
 
