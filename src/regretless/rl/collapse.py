@@ -6,7 +6,8 @@
    on its own samples is a few nats at most (measured: SmolLM2-135M in rank-1 RL on chain_sum, 2.1 falling to
    0.1, with ln V = 10.8, docs/training.md; tiny-base, 0.8 at the start, ln V = 7.6); above 0.9·ln V its
    next-token distribution has a perplexity over V^0.9 (16,800 of SmolLM2's 49,152 tokens): it emits noise and
-   is not rewarded again. Two tiny-base runs of the first quick preset (docs/results/quick before 2026-12-02, in git history) went from 0.8 to 7.1-7.2 nats (> 6.86) within
+   is not rewarded again. Two tiny-base runs of the first quick preset (docs/results/quick before 2026-12-02,
+   in git history) went from 0.8 to 7.1-7.2 nats (> 6.86) within
    a few steps at LR 3e-3 and 1e-2 and never recovered. Applies only to a policy whose first step was below
    `ENTROPY_START_FRAC` · ln V: a randomly initialised model starts near ln V and cannot collapse *to* it.
 2. Reward gone. No sample with a positive reward for k consecutive steps, after steps with a mean fraction `a`
