@@ -89,11 +89,11 @@ def test_placement_three_verdicts(tmp_path, attn_lag, sd, verdict):
 
 
 # ---- RL ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("lora_acc,full_acc,verdict", [(0.55, 0.56, S.HELD), (0.35, 0.6, S.NOT_HELD),
+@pytest.mark.parametrize("lora_acc,full_acc,verdict", [(0.55, 0.56, S.HELD), (0.40, 0.62, S.NOT_HELD),
                                                        (0.31, 0.31, S.INCONCLUSIVE)])
 def test_rl_three_verdicts(tmp_path, lora_acc, full_acc, verdict):
-    rl_arm(tmp_path, "full", None, 1e-4, full_acc, n_eval=2000)
-    rl_arm(tmp_path, "r1", 1, 1e-3, lora_acc, n_eval=2000)
+    rl_arm(tmp_path, "full", None, 1e-4, full_acc, n_eval=2000, sd=0.003)
+    rl_arm(tmp_path, "r1", 1, 1e-3, lora_acc, n_eval=2000, sd=0.003)
     c = claim(tmp_path, "rl")
     assert c["verdict"] == verdict, c
     if verdict == S.INCONCLUSIVE:

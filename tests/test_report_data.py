@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 
 import numpy as np
 from test_sweep_fake_trainer import write_run
@@ -20,7 +21,8 @@ def lr_grid(opt: float, n: int = 3) -> list[float]:
 
 
 def noise(*key) -> float:
-    return float(np.random.default_rng(abs(hash(key)) % 2**32).standard_normal())
+    """Seeded standard normal per key; crc32, not hash(): str hashes change with every process."""
+    return float(np.random.default_rng(zlib.crc32(repr(key).encode())).standard_normal())
 
 
 def sft_arm(root, name: str, cfg: dict, opt_lr: float, drop: float = 1.0, sd: float = 0.002,

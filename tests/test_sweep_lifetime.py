@@ -28,9 +28,17 @@ print(json.dumps(res.counts))
 """
 
 
+def _default_signals() -> None:
+    """The runner keeps SIGINT/SIGTERM ignored when its parent ignored them (nohup, a shell's background job);
+    these tests send them, so the runner starts with the default dispositions whatever launched pytest."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def start_runner(spec: dict, out: Path, launcher: list[str], grace: float = 10.0) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(spec), str(out), json.dumps(launcher),
-                             str(grace)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(grace)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)  # noqa: PLW1509 (only resets two dispositions)
 
 
 def wait_for(cond, timeout: float, what: str) -> None:
