@@ -100,6 +100,17 @@ def test_rl_three_verdicts(tmp_path, lora_acc, full_acc, verdict):
         assert "nothing learned" in c["reason"]  # FullFT did not beat the base: no comparison to make
 
 
+def test_rl_binomial_uses_the_problems_the_trainer_scored(tmp_path):
+    """config eval_size 2000, but the trainer scored 100 (duplicates dropped): the interval is the 100's."""
+    for root, scored in ((tmp_path / "a", None), (tmp_path / "b", 100)):
+        rl_arm(root, "full", None, 1e-4, 0.60, n_eval=2000, sd=0.003, scored=scored)
+        rl_arm(root, "r1", 1, 1e-3, 0.58, n_eval=2000, sd=0.003, scored=scored)
+    wide, narrow = claim(tmp_path / "b", "rl"), claim(tmp_path / "a", "rl")
+    assert (narrow["eval_size"], wide["eval_size"]) == (2000, 100)
+    width = lambda c: c["interval"][1] - c["interval"][0]  # noqa: E731
+    assert width(wide) > 3 * width(narrow)
+
+
 # ---- claims.json -------------------------------------------------------------------------------------------
 def test_claims_json_fields(tmp_path):
     sft_arm(tmp_path, "full", full(), 1e-3)

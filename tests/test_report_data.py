@@ -59,7 +59,8 @@ def lora(rank: int, targets: str = "all", batch_size: int = 4) -> dict:
 
 
 
-def rl_arm(root, name, rank, opt_lr, final_acc, base=0.3, sd=0.01, n_eval=400):
+def rl_arm(root, name, rank, opt_lr, final_acc, base=0.3, sd=0.01, n_eval=400, scored=None):
+    """An RL arm; `scored` = the held-out problems the trainer reports (summary eval_problems), default n_eval."""
     for lr in lr_grid(opt_lr):
         d = math.log10(lr / opt_lr)
         for seed in (0, 1):
@@ -70,5 +71,5 @@ def rl_arm(root, name, rank, opt_lr, final_acc, base=0.3, sd=0.01, n_eval=400):
                    "eval_size": n_eval}
             folder = write_run(root, f"{name}-{lr:.4g}-s{seed}", "rl", cfg, metrics)
             s = json.loads((folder / "summary.json").read_text())
-            s.update(final_eval_accuracy=acc[-1], steps=20)
+            s.update(final_eval_accuracy=acc[-1], steps=20, eval_problems=n_eval if scored is None else scored)
             (folder / "summary.json").write_text(json.dumps(s))

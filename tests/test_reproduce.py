@@ -103,6 +103,22 @@ def test_materialize_data_writes_once(tmp_path):
     assert R.materialize_data(str(path), tmp_path) == str(path)
 
 
+def test_materialized_env_keeps_every_eval_problem_held_out(tmp_path):
+    """A small task repeats questions; the JSONL holds each once, so the trainer's split keeps all 200 eval
+    problems, none of them in train."""
+    from regretless.rl.envs import make_env
+
+    spec = "rg:chain_sum,min_terms=3,max_terms=3,max_digits=1"
+    raw = make_env(spec, 0, 1000, 200)
+    path = R.materialize_env(spec, tmp_path, 0, 1000, 200)
+    prompts = [json.loads(line)["prompt"] for line in open(path)]
+    assert len(prompts) == len(set(prompts))
+    env = make_env(path, 0, 1000, 200)
+    assert len(env.eval) == 200 and not {p.prompt_messages[-1]["content"] for p in env.eval} & {
+        p.prompt_messages[-1]["content"] for p in env.train}
+    assert len(raw.train) == 1000 and len(env.train) >= 700  # duplicates went, the pool stayed large
+
+
 MINI = R.Preset(
     name="mini", description="test", model="tiny-base", data="chatterbot", env="rg:chain_sum",
     sft={"steps": 3, "batch_size": 4, "seq_len": 64, "eval_size": 8, "eval_points": 3, "device": "cpu",

@@ -208,7 +208,7 @@ def materialize_data(spec: str, data_dir: Path, seed: int = 0) -> Path | str:
 
 def materialize_env(spec: str, data_dir: Path, seed: int, train_size: int, eval_size: int) -> str:
     """A reasoning-gym env (`rg:task,...`) written once as a JSONL file of {"prompt", "answer"} lines (the
-    same problems; the trainer's JSONL env splits them into train and held-out eval), so every RL run reads a
+    same problems, each question once; the trainer's JSONL env splits them into train and held-out eval), so every RL run reads a
     file and runs need no problem generator (e.g. on a GPU machine without reasoning-gym). Anything else, and
     a spec with its own reward, is returned unchanged."""
     from regretless.config import atomic_write_text
@@ -218,11 +218,15 @@ def materialize_env(spec: str, data_dir: Path, seed: int, train_size: int, eval_
     if not source.startswith("rg:") or reward:
         return spec
     safe = "".join(ch if ch.isalnum() or ch in "-_=" else "_" for ch in source[3:])
-    path = Path(data_dir).resolve() / f"env-{safe}-seed{seed}-{train_size}+{eval_size}.jsonl"
+    path = Path(data_dir).resolve() / f"env-{safe}-seed{seed}-{train_size}+{eval_size}-distinct.jsonl"
     if not path.is_file():
         env = make_env(spec, seed, train_size, eval_size)
-        rows = [json.dumps({"prompt": p.prompt_messages[-1]["content"], "answer": p.answer})
-                for p in [*env.eval, *env.train]]
+        rows, seen = [], set()
+        for p in [*env.eval, *env.train]:  # each question once, so the held-out split keeps all eval_size
+            q = p.prompt_messages[-1]["content"]
+            if q not in seen:
+                seen.add(q)
+                rows.append(json.dumps({"prompt": q, "answer": p.answer}))
         atomic_write_text(path, "\n".join(rows) + "\n")
     return str(path)
 

@@ -276,6 +276,15 @@ def placement(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     return _claim("placement", v, iv.value, iv.as_list(), reason, measured, used, **extra)
 
 
+def eval_problems(arm: A.Arm) -> int:
+    """Held-out problems each eval scored: the trainer's count (summary.json), else the config's eval_size."""
+    for r in arm.runs:
+        n = (r.summary or {}).get("eval_problems")
+        if isinstance(n, int) and n > 0:
+            return n
+    return int(arm.runs[0].config.get("eval_size") or 0)
+
+
 def rl(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     arms = {k: a for k, a in all_arms.items() if a.command == "rl"}
     lora = sorted((k for k in arms if k != "rl-full"), key=lambda k: int(k.split("-r")[-1]))
@@ -285,7 +294,7 @@ def rl(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     bf, bl = best(f), best(lo)
     if bf is None or bl is None:
         return _none("rl", "an RL arm has no finished runs", [f, lo])
-    n_eval = int(f.runs[0].config.get("eval_size") or 0)
+    n_eval = eval_problems(f)
     base = next((float(r.series("eval_accuracy")[1][0]) for r in f.runs if len(r.series("eval_accuracy")[0])
                  and r.series("eval_accuracy")[0][0] == 0), math.nan)
     sd, df = A.pooled_seed_sd(arms.values())

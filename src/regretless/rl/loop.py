@@ -172,7 +172,8 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
                    "final_eval_accuracy": state["last_eval"], "best_eval_accuracy": state["best_eval"],
                    "initial_eval_accuracy": state["first_eval"], "trainable_params": trainable, "lr": lr,
                    "episodes": state["episodes"], "wall_s": round(state["wall_s"], 2),
-                   "lora_rank": cfg.lora.rank if cfg.lora else None, "reason": reason}
+                   "lora_rank": cfg.lora.rank if cfg.lora else None, "eval_problems": len(eval_problems),
+                   "reason": reason}
         write_summary(out, summary)
         metrics.close()
         return summary
