@@ -62,6 +62,18 @@ def test_loss_and_gradients_match_float64_full_logits(cap, bias, chunk):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
 
 
+def test_logits_far_beyond_exp_range_stay_finite_and_exact():
+    h, W, b, y = _leaves(scale=400.0)  # logits of several hundred: exp overflows fp32 without the max shift
+    loss = lm.head_nll_sum(h, W, b, y, None, 4)
+    gh, gW, gb = _grads(loss, (h, W, b))
+    h64, W64, b64 = (t.detach().double().requires_grad_() for t in (h, W, b))
+    ref = _ref_nll(h64, W64, b64, y, None)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, r in zip((gh, gW, gb), _grads(ref, (h64, W64, b64))):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+
+
 def test_frozen_head_gets_no_weight_gradient_and_h_without_grad_works():
     h, W, b, y = _leaves(w_grad=False)
     loss = lm.head_nll_sum(h, W, b, y, None, 4)
@@ -128,6 +140,7 @@ def _model(kind: str):
 @pytest.mark.parametrize("kind", ["tied", "untied", "lora"])
 def test_nll_sum_matches_float64_model(kind, monkeypatch):
     monkeypatch.setattr(lm, "CHUNK", 5)  # 18 labelled positions: boundaries at 5, 10, 15
+    monkeypatch.setattr(lm, "FUSED_CHUNK", 5)
     model = _model(kind)
     model64 = copy.deepcopy(model).double()
     batch = _batch()
@@ -146,6 +159,7 @@ def test_nll_sum_matches_float64_model(kind, monkeypatch):
 
 def test_nll_sum_softcapped_matches_float64(monkeypatch):
     monkeypatch.setattr(lm, "CHUNK", 4)
+    monkeypatch.setattr(lm, "FUSED_CHUNK", 4)
     model = _model("untied")
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)  # logits of several units: the cap bends them
@@ -187,6 +201,7 @@ def test_fused_equals_plain_chunks_under_autocast(monkeypatch):
     """bf16 autocast: the head's matmul in bf16 as in the plain path, so the losses agree to fp32 rounding (a
     fused path computing its logits in fp32 would differ by ~1e-3); gradients to bf16 rounding (1% in norm)."""
     monkeypatch.setattr(lm, "CHUNK", 5)
+    monkeypatch.setattr(lm, "FUSED_CHUNK", 5)
     runs = []
     for fused in (True, False):
         model = _model("untied")
@@ -229,6 +244,7 @@ def _saved_shapes(fn) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("kind", ["tied", "lora"])
 def test_no_vocabulary_wide_tensor_is_saved_for_backward(kind, monkeypatch):
     monkeypatch.setattr(lm, "CHUNK", 5)
+    monkeypatch.setattr(lm, "FUSED_CHUNK", 5)
     model = _model(kind)
 
     def wide(fused):

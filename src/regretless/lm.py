@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from regretless import distributed
 
 CHUNK = 4096  # positions per LM-head chunk
+FUSED_CHUNK = 2048  # positions per chunk of the fused head + NLL: its (C, V) buffers are what it adds at the peak
 
 
 def _trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -132,11 +133,14 @@ class _FusedHeadNLL(torch.autograd.Function):
                 if cap:
                     t_C_V = z_C_V.div_(cap).tanh_()
                     z_C_V = t_C_V * cap
-                lse_C = torch.logsumexp(z_C_V, -1)
-                total += (lse_C - z_C_V.gather(-1, y_C[:, None])[:, 0]).sum()
+                zy_C = z_C_V.gather(-1, y_C[:, None])[:, 0]
+                m_C = z_C_V.amax(-1)
+                e_C_V = z_C_V.sub_(m_C[:, None]).exp_()  # in place: one (C, V) fp32 buffer for all that follows
+                sum_C = e_C_V.sum(-1)
+                total += (m_C + sum_C.log() - zy_C).sum()  # logsumexp − target logit
                 if not (need_h or need_W or need_b):
                     continue
-                g_C_V = z_C_V.sub_(lse_C[:, None]).exp_()  # softmax, in place
+                g_C_V = e_C_V.div_(sum_C[:, None])  # softmax
                 g_C_V[torch.arange(len(y_C), device=y_C.device), y_C] -= 1.0  # − onehot
                 if cap:
                     g_C_V.mul_(t_C_V.square_().neg_().add_(1.0))  # chain rule through cap·tanh(u/cap)
@@ -172,7 +176,7 @@ def head_nll_sum(h_N_H: torch.Tensor, W_V_H: torch.Tensor, b_V: torch.Tensor | N
                  cap: float | None = None, chunk: int | None = None) -> torch.Tensor:
     """Σ_n −log softmax(c(h_n·Wᵀ + b))[y_n] (fp32 scalar) without keeping any (N, V) tensor for backward; c is
     cap·tanh(·/cap) when `cap` is given. Gradients reach h, W and b wherever they require them."""
-    return _FusedHeadNLL.apply(h_N_H, W_V_H, b_V, y_N, cap, chunk or CHUNK, compute_dtype(W_V_H))
+    return _FusedHeadNLL.apply(h_N_H, W_V_H, b_V, y_N, cap, chunk or FUSED_CHUNK, compute_dtype(W_V_H))
 
 
 def _fusable_head(model: nn.Module) -> nn.Linear | None:
