@@ -13,9 +13,11 @@ Methods
   hf-full-bf16   plain transformers FullFT: bf16 weights, fused AdamW, `model(**batch).loss` (full logits), no
                  regretless code: the reference of the issue's "0.72x a plain bf16 FullFT step"
   rl-full        regretless FullFT as the trainer runs it on CUDA: fp32 master weights, bf16 autocast, lm.nll_sum
-  rl-lora        regretless LoRA: frozen bf16 base, fp32 adapters, bf16 autocast, lm.nll_sum (chunked CE);
-                 `-nogroup` = the same with the q/k/v, gate/up group fusion and the experts' gate/up pair
-                 turned off (A/B of those changes)
+                 (the fused head + NLL, here also computing the trainable tied head's dW)
+  rl-lora        regretless LoRA: frozen bf16 base, fp32 adapters, bf16 autocast, lm.nll_sum (fused head + NLL:
+                 no logits kept for backward); `-nogroup` = the same with the q/k/v, gate/up group fusion and
+                 the experts' gate/up pair turned off (A/B of those changes); `-plaince` = the same with the
+                 plain chunked cross-entropy, every chunk's fp32 logits kept for backward (A/B of the fused loss)
   peft           transformers + PEFT LoRA (target_modules, and target_parameters for fused experts), HF loss
   +compile       `torch.compile` of the transformer trunk in place (as `compile=true` in the trainer)
   +ckpt          activation checkpointing of every decoder layer (non-reentrant), as `gradient_checkpointing=true`
@@ -74,7 +76,7 @@ TINY = {"llama-3.2-1b": {"hidden_size": 64, "intermediate_size": 128, "num_hidde
 class Case:
     section: str  # dense | moe | long
     shape: str
-    method: str  # hf-full-bf16 | rl-full | rl-lora | rl-lora-nogroup | peft
+    method: str  # hf-full-bf16 | rl-full | rl-lora | rl-lora-nogroup | rl-lora-plaince | peft
     batch: int
     seq: int
     compile: bool = False
@@ -93,7 +95,7 @@ def cases(tiny: bool) -> list[Case]:
     return [
         Case("dense", d, "hf-full-bf16", B, T, est_s=25), Case("dense", d, "rl-lora", B, T, est_s=25),
         Case("dense", d, "peft", B, T, est_s=25), Case("dense", d, "rl-full", B, T, est_s=30),
-        Case("dense", d, "rl-lora-nogroup", B, T, est_s=25),
+        Case("dense", d, "rl-lora-plaince", B, T, est_s=25), Case("dense", d, "rl-lora-nogroup", B, T, est_s=25),
         Case("moe", m, "rl-lora", B, T, est_s=40), Case("moe", m, "peft", B, T, est_s=45),
         Case("moe", m, "hf-full-bf16", B, T, est_s=45), Case("moe", m, "rl-full", B, T, est_s=60),
         Case("long", d, "rl-lora", 1, TL, est_s=25), Case("long", d, "rl-lora", 1, TL, ckpt=True, est_s=25),
@@ -191,7 +193,7 @@ def run_case(c: Case, args, device: str) -> dict:
             if hf_loss:
                 loss = model(**batch, use_cache=False).loss  # transformers' own loss path: full logits
             else:
-                s, n = lm.nll_sum(model, batch)
+                s, n = lm.nll_sum(model, batch, fused=c.method != "rl-lora-plaince")
                 loss = s / n
         loss.backward()
         opt.step()
@@ -279,8 +281,24 @@ def markdown(rows: list[dict], header: str) -> str:
     lines += ["", ("MFU = model FLOPs/step / step time / 989e12; model FLOPs/token = 4N + 6·N_lora + 6·L·T·d_attn "
               "(LoRA) or 6N + 6·L·T·d_attn (FullFT); N = matmul weights a token passes (routed experts: top-k), "
               "T = sequence length. `vs peft` compares with PEFT of the same section and compile setting."),
-              "", "Issue 12 targets:", *targets(rows)]
+              "", "Issue 12 targets:", *targets(rows), "", "A/B of single changes (rl-lora against the variant):",
+              *ab_lines(rows)]
     return "\n".join(lines) + "\n"
+
+
+def ab_lines(rows: list[dict]) -> list[str]:
+    """rl-lora against each of its one-change variants in the same section: step time and peak memory ratios."""
+    ok = {(r["section"], r["method"]): r for r in rows if "step_s" in r}
+    out = []
+    for (sec, m), r in ok.items():
+        base = ok.get((sec, "rl-lora"))
+        if not base or m not in ("rl-lora-nogroup", "rl-lora-plaince"):
+            continue
+        mem = (f", peak memory {base['peak_mem_gib']:.1f} vs {r['peak_mem_gib']:.1f} GiB "
+               f"({base['peak_mem_gib'] / r['peak_mem_gib']:.2f}x)") if r["peak_mem_gib"] else ""
+        out.append(f"- {sec}: rl-lora vs {m}: step {base['step_s']:.4f} vs {r['step_s']:.4f} s "
+                   f"({base['step_s'] / r['step_s']:.2f}x){mem}")
+    return out or ["- none measured"]
 
 
 def targets(rows: list[dict]) -> list[str]:

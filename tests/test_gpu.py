@@ -232,3 +232,52 @@ def test_expert_gate_up_fused_matches_separate_grouped_bf16():
     assert res[True][2].keys() == res[False][2].keys() and any("lora_B_up" in n for n in res[True][2])
     for n in res[True][2]:
         assert rel(res[True][2][n], res[False][2][n]) < 3e-2, n
+
+
+def _fused_nll_vs_plain(device: str, N: int, H: int, V: int) -> dict:
+    """(loss, dh, dW, bytes held from forward to backward) of lm.head_nll_sum and of the plain chunked path
+    (logits kept), both under bf16 autocast on bf16 h and a trainable fp32 W (FullFT's tied head)."""
+    import torch.nn.functional as F
+
+    from regretless import lm
+
+    g = torch.Generator(device=device).manual_seed(0)
+    h0 = torch.randn(N, H, device=device, generator=g).to(torch.bfloat16)
+    W = (torch.randn(V, H, device=device, generator=g) / H**0.5).requires_grad_()
+    y = torch.randint(0, V, (N,), device=device, generator=g)
+
+    def plain(h):
+        out = []
+        for s in range(0, N, lm.CHUNK):
+            z = F.linear(h[s:s + lm.CHUNK], W).float()
+            out.append(torch.logsumexp(z, -1) - z.gather(-1, y[s:s + lm.CHUNK, None])[:, 0])
+        return torch.cat(out).sum()
+
+    res = {}
+    for name, fn in (("fused", lambda h: lm.head_nll_sum(h, W, None, y)), ("plain", plain)):
+        W.grad = None
+        h = h0.clone().requires_grad_()
+        cuda = device == "cuda"
+        before = torch.cuda.memory_allocated() if cuda else 0
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = fn(h)
+        held = torch.cuda.memory_allocated() - before if cuda else None
+        (loss / N).backward()
+        res[name] = (loss.item(), h.grad.float(), W.grad.clone(), held)
+    return res
+
+
+@needs_cuda
+def test_fused_nll_matches_plain_chunks_and_keeps_no_logits_cuda_bf16():
+    """lm.head_nll_sum on CUDA under bf16 autocast at the Llama-3.2-1B head's shape (V = 128,256, H = 2048), 8,192
+    positions: the plain chunked path's loss and gradients, and what waits for backward is dh (N, H) and dW (V, H)
+    in fp32 (1.1 GB), not the (N, V) fp32 logits (4.2 GB) the plain path keeps."""
+    N, H, V = 8192, 2048, 128256
+    torch.cuda.empty_cache()
+    res = _fused_nll_vs_plain("cuda", N, H, V)
+    (lf, dhf, dWf, held_f), (lp, dhp, dWp, held_p) = res["fused"], res["plain"]
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert abs(lf - lp) <= 1e-4 * abs(lp)
+    assert rel(dhf, dhp) < 1e-2 and rel(dWf, dWp) < 1e-2
+    assert held_p >= N * V * 4
+    assert held_f <= (N * H + V * H) * 4 + 4 * 2**20, held_f  # dh and dW in fp32; slack: the allocator rounds

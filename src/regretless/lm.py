@@ -1,8 +1,25 @@
-"""Token log-probabilities without the (B, T, V) logits tensor.
+"""Token log-probabilities and the SFT loss without the (B, T, V) logits tensor.
 
-The LM head runs on the selected positions only (those with a label), in chunks, and the log-softmax is taken
-chunk by chunk in fp32: memory is O(chunk · V) instead of O(B · T · V) — the "chunked cross-entropy" that keeps a
-49k- or 150k-vocabulary model's loss from dominating memory. Used by SFT (NLL) and RL (log-probs, entropy).
+The LM head runs on the selected positions only (those with a label), in chunks of CHUNK positions, and the
+log-softmax is taken chunk by chunk in fp32: memory is O(chunk · V) instead of O(B · T · V) — the "chunked
+cross-entropy" that keeps a 49k- or 150k-vocabulary model's loss from dominating memory. Used by SFT (NLL) and
+RL (log-probs, entropy).
+
+Training keeps no logits either:
+- SFT (`nll_sum` with grad enabled): `head_nll_sum`, one autograd node that computes each chunk's logits, the NLL
+  and, in the same pass, the gradient pieces dL/dh = (softmax − onehot)·W and dL/dW += (softmax − onehot)ᵀ·h (the
+  latter only when the head is trained: FullFT; LoRA freezes it). Backward only multiplies them by the incoming
+  gradient, so what waits for backward is (N, H) and (V, H), never (N, V) — the idea of Liger-Kernel's fused
+  linear cross-entropy, in plain PyTorch ops. Matmuls run in the dtype the plain head would use (the autocast
+  dtype under autocast, else the head's), the softmax in fp32; dh and dW are accumulated in fp32.
+- RL (`head_logprobs` with grad enabled: per-token log-probs feed an arbitrary loss): each chunk's head and
+  log-softmax run under non-reentrant activation checkpointing, so backward recomputes the chunk's logits from
+  the kept h instead of storing them (one extra head forward; the entropy stays without gradient).
+
+The plain chunked path (logits kept for backward) remains for what the fused node does not handle: a head that
+is not a bare `nn.Linear` (an LM head the user named as a LoRA target, one with hooks, a tensor-parallel weight),
+and models whose head is not split from the trunk or that scale logits (`logit_scale`), which run the model's own
+forward. Gemma-style `final_logit_softcapping` (z -> cap·tanh(z/cap)) is handled in both.
 """
 
 from __future__ import annotations
@@ -10,10 +27,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from regretless import distributed
 
 CHUNK = 4096  # positions per LM-head chunk
+FUSED_CHUNK = 2048  # positions per chunk of the fused head + NLL: its (C, V) buffers are what it adds at the peak
 
 
 def _trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -26,6 +46,10 @@ def _trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return trunk, head
 
 
+def _softcap(model: nn.Module) -> float | None:
+    return getattr(model.config, "final_logit_softcapping", None) or None
+
+
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     parts = _trunk_and_head(model)
     kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
@@ -35,7 +59,7 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 def _head_logits(model: nn.Module, h_N_H: torch.Tensor) -> torch.Tensor:
     logits = model.get_output_embeddings()(h_N_H).float()  # (N, V)
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cap = _softcap(model)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
@@ -43,10 +67,10 @@ def _head_logits(model: nn.Module, h_N_H: torch.Tensor) -> torch.Tensor:
 
 @distributed.through_root  # torchrun: trunk and head run inside the FSDP root's hooks
 def target_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], targets_B_T: torch.Tensor,
-                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    with_entropy: bool = False, keep_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(targets[b, t] | inputs[b, :t+1]) at every position where targets != -100 (the label of the *next*
     token is targets[b, t]; callers shift). Returns (logp_N, entropy_N or None), N = number of such positions,
-    in row-major order."""
+    in row-major order. `keep_logits`: see `head_logprobs`."""
     sel_B_T = targets_B_T != -100
     y_N = targets_B_T[sel_B_T]
     if _trunk_and_head(model) is None:
@@ -55,22 +79,116 @@ def target_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], targets_B_
         logp = torch.log_softmax(logits, -1)
         ent = -(logp.exp() * logp).sum(-1) if with_entropy else None
         return logp.gather(-1, y_N[:, None])[:, 0], ent
-    return head_logprobs(model, hidden_states(model, batch)[sel_B_T], y_N, with_entropy)
+    return head_logprobs(model, hidden_states(model, batch)[sel_B_T], y_N, with_entropy, keep_logits)
 
 
-def head_logprobs(model: nn.Module, h_N_H: torch.Tensor, y_N: torch.Tensor, with_entropy: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(y_n | h_n) through the LM head, CHUNK positions at a time (fp32 log-softmax)."""
+def _chunk_logprobs(model: nn.Module, h_C_H: torch.Tensor, y_C: torch.Tensor, with_entropy: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = _head_logits(model, h_C_H)  # (C, V) fp32
+    lse = torch.logsumexp(logits, -1)
+    logp = logits.gather(-1, y_C[:, None])[:, 0] - lse
+    ent = None
+    if with_entropy:  # after every op that saves for backward: a checkpoint's recompute stops before this
+        with torch.no_grad():
+            ent = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+    return logp, ent
+
+
+def head_logprobs(model: nn.Module, h_N_H: torch.Tensor, y_N: torch.Tensor, with_entropy: bool = False,
+                  keep_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(y_n | h_n) through the LM head, CHUNK positions at a time (fp32 log-softmax). With grad enabled each
+    chunk runs under activation checkpointing: backward recomputes its logits instead of keeping them
+    (`keep_logits=True`: each chunk's fp32 logits are kept for backward instead, the plain chunked path)."""
+    recompute = torch.is_grad_enabled() and not keep_logits
     out, ents = [], []
     for s in range(0, h_N_H.shape[0], CHUNK):
-        logits = _head_logits(model, h_N_H[s:s + CHUNK])
-        lse = torch.logsumexp(logits, -1)
-        out.append(logits.gather(-1, y_N[s:s + CHUNK, None])[:, 0] - lse)
-        if with_entropy:
-            with torch.no_grad():
-                p = torch.softmax(logits, -1)
-                ents.append(lse - (p * logits).sum(-1))
+        args = (model, h_N_H[s:s + CHUNK], y_N[s:s + CHUNK], with_entropy)
+        logp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if recompute else _chunk_logprobs(*args)
+        out.append(logp)
+        ents.append(ent)
     return torch.cat(out), (torch.cat(ents) if with_entropy else None)
+
+
+class _FusedHeadNLL(torch.autograd.Function):
+    """L = Σ_n [logsumexp(z_n) − z_n[y_n]], z = c(h·Wᵀ + b) in fp32, c the identity or cap·tanh(·/cap).
+
+    Forward computes L and its gradients chunk by chunk: with p = softmax(z_n) and e_y the one-hot of y_n,
+    dL/du_n = (p − e_y) ⊙ c'(u_n) for the pre-cap logits u_n (c' = 1 − tanh²(u/cap), or 1), then dL/dh_n = that·W,
+    dL/dW = Σ_n thatᵀ·h_n, dL/db = Σ_n that. Only these are saved; backward multiplies them by dLoss/dL."""
+
+    @staticmethod
+    def forward(ctx, h_N_H, W_V_H, b_V, y_N, cap: float | None, chunk: int, dtype: torch.dtype):
+        need_h, need_W, need_b = ctx.needs_input_grad[:3]
+        N, V = h_N_H.shape[0], W_V_H.shape[0]
+        with torch.autocast(h_N_H.device.type, enabled=False):  # casts made here, as autocast would make them
+            W = W_V_H.to(dtype)
+            b = b_V.to(dtype) if b_V is not None else None
+            total = torch.zeros((), dtype=torch.float32, device=h_N_H.device)
+            dh = torch.empty(h_N_H.shape, dtype=torch.float32, device=h_N_H.device) if need_h else None
+            dW = torch.zeros(W_V_H.shape, dtype=torch.float32, device=W_V_H.device) if need_W else None
+            db = torch.zeros(V, dtype=torch.float32, device=W_V_H.device) if need_b else None
+            for s in range(0, N, chunk):
+                h_C_H, y_C = h_N_H[s:s + chunk].to(dtype), y_N[s:s + chunk]
+                z_C_V = F.linear(h_C_H, W, b).float()  # (C, V)
+                if cap:
+                    t_C_V = z_C_V.div_(cap).tanh_()
+                    z_C_V = t_C_V * cap
+                zy_C = z_C_V.gather(-1, y_C[:, None])[:, 0]
+                m_C = z_C_V.amax(-1)
+                e_C_V = z_C_V.sub_(m_C[:, None]).exp_()  # in place: one (C, V) fp32 buffer for all that follows
+                sum_C = e_C_V.sum(-1)
+                total += (m_C + sum_C.log() - zy_C).sum()  # logsumexp − target logit
+                if not (need_h or need_W or need_b):
+                    continue
+                g_C_V = e_C_V.div_(sum_C[:, None])  # softmax
+                g_C_V[torch.arange(len(y_C), device=y_C.device), y_C] -= 1.0  # − onehot
+                if cap:
+                    g_C_V.mul_(t_C_V.square_().neg_().add_(1.0))  # chain rule through cap·tanh(u/cap)
+                if need_b:
+                    db += g_C_V.sum(0)
+                g_C_V = g_C_V.to(dtype)
+                if need_h:
+                    dh[s:s + chunk] = g_C_V @ W
+                if need_W:
+                    dW += g_C_V.T @ h_C_H
+        ctx.dtypes = (h_N_H.dtype, W_V_H.dtype, b_V.dtype if b_V is not None else None)
+        ctx.save_for_backward(dh, dW, db)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        dh, dW, db = ctx.saved_tensors
+        g = g.float()
+        out = [None if d is None else (d * g).to(dt) for d, dt in zip((dh, dW, db), ctx.dtypes)]
+        return *out, None, None, None, None
+
+
+def compute_dtype(W: torch.Tensor) -> torch.dtype:
+    """The dtype `F.linear(h, W)` computes in: autocast's where it is on (and W is not float64), else W's."""
+    device = W.device.type
+    if torch.is_autocast_enabled(device) and W.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return W.dtype
+
+
+def head_nll_sum(h_N_H: torch.Tensor, W_V_H: torch.Tensor, b_V: torch.Tensor | None, y_N: torch.Tensor,
+                 cap: float | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Σ_n −log softmax(c(h_n·Wᵀ + b))[y_n] (fp32 scalar) without keeping any (N, V) tensor for backward; c is
+    cap·tanh(·/cap) when `cap` is given. Gradients reach h, W and b wherever they require them."""
+    return _FusedHeadNLL.apply(h_N_H, W_V_H, b_V, y_N, cap, chunk or FUSED_CHUNK, compute_dtype(W_V_H))
+
+
+def _fusable_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head when `head_nll_sum` can stand in for it: a bare nn.Linear (not a LoRA wrapper, no hooks) with
+    a plain weight (not a DTensor: under FSDP2 the root's hooks have put the unsharded weight in place)."""
+    parts = _trunk_and_head(model)
+    head = parts[1] if parts else None
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    if type(head.weight) not in (nn.Parameter, torch.Tensor):
+        return None
+    return head
 
 
 def cache_kw(model: nn.Module) -> str:
@@ -91,7 +209,18 @@ def shifted_targets(labels_B_T: torch.Tensor) -> torch.Tensor:
     return F.pad(labels_B_T[:, 1:], (0, 1), value=-100)
 
 
-def nll_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of token NLLs over labelled positions, number of them) for an SFT batch with HF-style labels."""
-    logp, _ = target_logprobs(model, batch, shifted_targets(batch["labels"]))
-    return -logp.sum(), int(logp.numel())
+@distributed.through_root  # torchrun: trunk and head run inside the FSDP root's hooks
+def nll_sum(model: nn.Module, batch: dict[str, torch.Tensor], fused: bool = True) -> tuple[torch.Tensor, int]:
+    """(sum of token NLLs over labelled positions, number of them) for an SFT batch with HF-style labels.
+    With grad enabled the head and loss are one fused node (`head_nll_sum`); eval without grad takes the plain
+    chunks, as does a head that the fused node does not handle (then checkpointed per chunk). `fused=False`: the
+    plain chunks with their logits kept for backward (the benchmark's A/B reference)."""
+    targets_B_T = shifted_targets(batch["labels"])
+    head = _fusable_head(model) if fused and torch.is_grad_enabled() else None
+    if head is None:
+        logp, _ = target_logprobs(model, batch, targets_B_T, keep_logits=not fused)
+        return -logp.sum(), int(logp.numel())
+    sel_B_T = targets_B_T != -100
+    y_N = targets_B_T[sel_B_T]
+    h_N_H = hidden_states(model, batch)[sel_B_T]
+    return head_nll_sum(h_N_H, head.weight, head.bias, y_N, _softcap(model)), int(y_N.numel())
