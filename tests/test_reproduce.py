@@ -153,3 +153,26 @@ def test_placement_on_a_local_model_and_chat_jsonl_end_to_end(tiny_llama_dir, tm
     logs = {p: p.stat().st_mtime_ns for p in out.glob("sft/runs/*/stderr.log")}
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("sft/runs/*/stderr.log")} == logs
+
+
+def test_ranks_above_a_matrix_side_are_capped_before_anything_runs(tiny_llama_dir):
+    """A preset rank larger than the model's smallest adapted matrix side would fail every run of it (the
+    injector refuses it): the preset is fitted to the model first, and says so."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tiny_llama_dir)
+    side = min(cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
+               cfg.hidden_size, cfg.intermediate_size)
+    assert R.rank_limit(tiny_llama_dir) == side
+    fitted, note = R.fit_ranks(dataclasses.replace(MINI, ranks=(1, side, 4 * side)), tiny_llama_dir)
+    assert fitted.ranks == (1, side) and f"capped at {side}" in note
+    same, none = R.fit_ranks(dataclasses.replace(MINI, ranks=(1, 2)), tiny_llama_dir)
+    assert none is None and same.ranks == (1, 2)
+    for c in R.build_conditions(fitted, FINDINGS, tiny_llama_dir, 64, False):
+        if c.axes.get("method") == "lora":
+            R.lora_params(tiny_llama_dir, c.axes.get("lora.targets", "all"), c.axes["lora.rank"])  # no error
+
+
+def test_full_preset_batch_arms_reuse_the_base_arms():
+    """256 steps of 8 = 32 steps of 64: the small-batch arms of the batch finding are the base arms."""
+    assert R.FULL.sft["steps"] * R.FULL.sft["batch_size"] == 32 * R.FULL.large_batch

@@ -27,6 +27,7 @@ status, timings: the report's header), DIR/report.html, DIR/claims.json, DIR/fig
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -109,15 +110,15 @@ STANDARD = Preset(
 )
 FULL = Preset(
     name="full",
-    description="SmolLM2-135M-Instruct, 2,000 GSM-style worked solutions (250 steps of 8), ranks 1-256 vs FullFT, "
+    description="SmolLM2-135M-Instruct, 2,000 GSM-style worked solutions (256 steps of 8), ranks 1-128 vs FullFT, "
                 "batch 8 vs 64, placement, RL rank 1 vs FullFT",
     model="smollm2-135m", data="gsm-symbolic:2256", env="rg:chain_sum,min_terms=2,max_terms=2,max_digits=2",
-    sft={"epochs": 1.0, "batch_size": 8, "seq_len": 384, "eval_size": 256, "eval_points": 10,
+    sft={"steps": 256, "batch_size": 8, "seq_len": 384, "eval_size": 256, "eval_points": 10,
          "save_every": 100_000, "eval_every": 100_000},
     rl={"steps": 40, "problems_per_step": 16, "group_size": 8, "max_new_tokens": 32, "train_size": 2000,
         "eval_size": 256, "eval_every": 8, "save_every": 100_000},
-    ranks=(1, 16, 256), large_batch=64, placement_rank=16, budget="one H200, <= 25 minutes",
-    scale_note="A 135M model and 250 steps of 8: larger than quick, far below the paper's 8B models and "
+    ranks=(1, 16, 128), large_batch=64, placement_rank=16, budget="one H200, <= 25 minutes",
+    scale_note="A 135M model and 256 steps of 8: larger than quick, far below the paper's 8B models and "
                "thousands of steps; the large batch (64) is small by the paper's standard (1024+).",
 )
 PRESETS: dict[str, Preset] = {"quick": QUICK, "standard": STANDARD, "full": FULL}
@@ -177,6 +178,45 @@ def lora_params(model_path: str | Path, targets: str, rank: int) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
     return int(count_params(model, LoRAConfig(rank=rank, targets=targets))["total"])
+
+
+def rank_limit(model_path: str | Path, targets: str = "all") -> int:
+    """The largest LoRA rank every matrix of `targets` allows (the injector refuses a rank above a matrix's
+    smaller side, e.g. SmolLM2-135M's 192 x 576 k_proj), found on a meta-device copy of the model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from regretless.counts import count_params
+    from regretless.lora import LoRAConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+
+    def fits(r: int) -> bool:
+        try:
+            count_params(model, LoRAConfig(rank=r, targets=targets))
+        except UserError:
+            return False
+        return True
+
+    lo, hi = 1, 1 << 15
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def fit_ranks(p: Preset, model_path: str | Path) -> tuple[Preset, str | None]:
+    """The preset with every LoRA rank capped at what the model's matrices allow, and a note saying so (None
+    when nothing changed): a preset's rank 256 on a model whose smallest adapted matrix side is 192 runs at 192."""
+    limit = rank_limit(model_path)
+    ranks = tuple(sorted({min(r, limit) for r in p.ranks}))
+    fitted = dataclasses.replace(p, ranks=ranks, placement_rank=min(p.placement_rank, limit),
+                                 rl_rank=min(p.rl_rank, limit))
+    if fitted == p:
+        return p, None
+    return fitted, (f"LoRA ranks {list(p.ranks)} capped at {limit}, the smallest side of an adapted matrix of "
+                    f"this model: ranks {list(ranks)}")
 
 
 def matched_attention_rank(model_path: str | Path, mlp_rank: int) -> tuple[int, int, int]:
@@ -406,6 +446,7 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
     model_path = Path(resolve_model(model_name, quiet=quiet))
     facts = model_facts(model_path)
     freeze = facts["embed_share"] >= EMBED_SHARE_FREEZE
+    p, rank_note = fit_ranks(p, model_path)
     sft_data = data or p.data
     out.mkdir(parents=True, exist_ok=True)
     sft_base = {**copy.deepcopy(p.sft), "model": str(model_path), "data": str(materialize_data(sft_data, out / "data"))}
@@ -431,11 +472,14 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
     context = {"preset": p.name, "description": p.description, "budget": p.budget, "scale_note": p.scale_note,
                "model": {"name": model_name, **facts}, "data": str(sft_data), "env": rl_env,
                "n_train": n_train, "seeds": list(p.seeds), "freeze_embeddings": freeze, "findings": list(findings),
+               "ranks": list(p.ranks), "rank_note": rank_note,
                "sft": {k: v for k, v in sft_base.items() if k != "model"},
                "rl": {k: v for k, v in rl_base.items() if k != "model"}}
     _say(f"{p.name}: {facts['params'] / 1e6:.1f}M-parameter {facts['model_type']} ({model_path}); "
          f"{len(conds)} conditions, each with its own LR search; FullFT "
          f"{'freezes' if freeze else 'trains'} embeddings+head ({facts['embed_share']:.0%} of parameters)", quiet)
+    if rank_note:
+        _say(rank_note, quiet)
     rounds = 0
     for rounds in range(1, max_rounds + 1):
         todo = 0
@@ -509,10 +553,12 @@ __all__ = [
     "build_conditions",
     "dry_run",
     "get_preset",
+    "fit_ranks",
     "matched_attention_rank",
     "materialize_data",
     "model_facts",
     "parse_only",
+    "rank_limit",
     "reproduce",
     "summary_lines",
 ]
