@@ -49,11 +49,33 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def set_env_defaults() -> None:
+    """The environment every command runs in (no hub, fewer advisories). Set before transformers is imported,
+    which reads it then (the sweep's zygote calls this before its imports)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+# What a training command imports before its first step, most of it lazily (transformers loads its model
+# classes on first use): a sweep's zygote (sweep/warm.py) imports it once, then forks every run from it.
+WARM_MODULES = ("torch", "transformers", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+                "transformers.models.auto.tokenization_auto", "transformers.models.llama.modeling_llama",
+                "regretless.commands.sft", "regretless.commands.rl", "regretless.prepare", "regretless.train",
+                "regretless.rl.loop", "peft.utils.transformers_weight_conversion")
+
+
+def preload() -> None:
+    """Import what `sft` and `rl` need, without computing anything (no thread pool, no CUDA): the zygote's
+    warm-up, after which `main` runs as it would in a fresh process."""
+    set_env_defaults()
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     from regretless.errors import UserError
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    set_env_defaults()
     words = sys.argv[1:] if argv is None else argv
     chosen = next((w for w in words if not w.startswith("-")), None)
     args = build_parser(chosen if chosen in COMMANDS else "").parse_args(argv)

@@ -252,7 +252,8 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
     left = len(train_tok) - per_epoch * cfg.batch_size
     log(f"{total} steps of {cfg.batch_size} sequences ({accum} x {micro}{', packed' if cfg.packing else ''}), "
         f"{per_epoch} steps an epoch ({left} examples left out each epoch), lr {lr:.3g}, "
-        f"{f'LoRA r={cfg.lora.rank}' if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters on {device}")
+        f"{f'LoRA r={cfg.lora.rank}' if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters on {device} "
+        f"({torch.get_num_threads()} CPU threads)")
 
     lengths = [len(t) for t in train_tok]
     plans: dict[int, list] = {}

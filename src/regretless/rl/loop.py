@@ -144,7 +144,7 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples, lr {lr:.3g}, "
         f"{f'LoRA r={cfg.lora.rank}' if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters "
-        f"on {device}")
+        f"on {device} ({torch.get_num_threads()} CPU threads)")
 
     def amp_ctx() -> contextlib.AbstractContextManager:
         return autocast(device, amp)

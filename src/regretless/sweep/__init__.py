@@ -3,7 +3,8 @@ SQLite ledger. Python API: `spec = parse_spec({...})` or `load_spec(path)`, then
 `current_rows(out)` lists the ledger rows of the current spec.
 
 Modules, in import order (each imports only those before it): spec, ledger -> procs (trainer processes, locks)
--> launch (argv, slots, recording a finished run) -> local_backend, ray_backend -> runner (run_sweep).
+-> launch (argv, slots, recording a finished run) -> warm (the zygote of warm launches) -> local_backend,
+ray_backend -> runner (run_sweep).
 """
 
 from regretless.sweep.ledger import Ledger, current_rows, stale_rows

@@ -165,6 +165,10 @@ class Progress:
         self.counts["running"] += 1
         self._postfix()
 
+    def warn(self, msg: str) -> None:
+        """One line on stderr, quiet or not."""
+        self.bar.write(msg, file=sys.stderr)
+
     def skipped(self, run: RunSpec, why: str) -> None:
         self.counts["skipped"] += 1
         if not self.quiet:

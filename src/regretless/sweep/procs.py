@@ -12,6 +12,14 @@
   records the token with the host and boot id. A rerun on the same machine finds, by that token in
   /proc/*/environ, any process a previous launch left behind (a trainer that ignored SIGTERM, an orphaned
   worker) and kills it before the run starts again (`reap`). A token never matches a process it did not start.
+- **Warm launches** (warm.py) add one link to the chain: runner -> zygote (started by `popen`: parent-death
+  signal, own session, its own token) -> trainer, forked by the zygote from its only thread, which calls setsid
+  and sets its own parent-death signal (its parent being the zygote). A runner killed with SIGKILL takes the
+  zygote along, and the zygote its trainers. A forked trainer's /proc/PID/environ is the zygote's, so it carries
+  the zygote's token (stopping or reaping by that token finds the zygote and all it forked), and its pid file also
+  records its pid and start time (`start_time`), by which `reap` kills that very process however pids are reused.
+  The zygote kills what a finished trainer left in its process group before it reaps it (its pid is not reused
+  until then).
 - **Locks.** The trainer holds an exclusive flock on RUNDIR/.lock while it writes; `folder_locked` probes it.
   The runner holds DIR/.sweep.lock for as long as it runs (`sweep_lock`): a second runner on the same sweep
   folder is refused, so reaping never touches the trainers of a live runner.
@@ -57,12 +65,13 @@ def _boot_id() -> str | None:
         return None
 
 
-def write_pidfile(rdir: Path, token: str, pid: int | None = None) -> None:
-    """RUNDIR/.trainer.json: who launched what, so a later runner on this machine can find it."""
+def write_pidfile(rdir: Path, token: str, pid: int | None = None, pid_start: int | None = None) -> None:
+    """RUNDIR/.trainer.json: who launched what, so a later runner on this machine can find it (`pid_start`:
+    the trainer's start time, `start_time(pid)`, which lets `reap` kill that very process)."""
     from regretless.config import atomic_write_text
 
     atomic_write_text(rdir / PIDFILE, json.dumps({
-        "token": token, "pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(),
+        "token": token, "pid": pid, "pid_start": pid_start, "host": socket.gethostname(), "boot_id": _boot_id(),
         "launcher_pid": os.getpid(), "started": time.time()}) + "\n")
 
 
@@ -84,8 +93,9 @@ def _prctl() -> Callable[..., int] | None:
         return None
 
 
-def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
-    """A preexec_fn that asks for SIGTERM when the parent thread dies (Linux); None elsewhere."""
+def pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
+    """A preexec_fn that asks for SIGTERM when the parent thread dies (Linux); None elsewhere. The zygote
+    (warm.py) calls it in each child it forks."""
     prctl = _prctl()  # resolved here, in the parent: the child only calls it
     if prctl is None:
         return None
@@ -99,12 +109,33 @@ def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
 
 
 def popen(argv: Sequence[str], env: dict[str, str], stdout: IO | int | None = None,
-          stderr: IO | int | None = None) -> subprocess.Popen:
-    """Start a trainer: own session, stdin closed, parent-death signal on Linux."""
+          stderr: IO | int | None = None, stdin: IO | int | None = subprocess.DEVNULL) -> subprocess.Popen:
+    """Start a trainer (or the zygote): own session, stdin closed, parent-death signal on Linux."""
     # preexec_fn runs between fork and exec; ours only calls prctl and getppid (no locks, no allocation to speak
     # of), which is safe even when the parent has threads
-    return subprocess.Popen(list(argv), stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True, preexec_fn=_pdeathsig_preexec(os.getpid()))  # noqa: PLW1509
+    return subprocess.Popen(list(argv), stdout=stdout, stderr=stderr, stdin=stdin, env=env,
+                            start_new_session=True, preexec_fn=pdeathsig_preexec(os.getpid()))  # noqa: PLW1509
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after "(comm)" ([0] is field 3, the state); None: no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    """When `pid` started (field 22 of /proc/PID/stat, clock ticks after boot; zombies too): with the pid, it
+    names one process however pids are reused. None when there is no such process."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def running(pid: int, start: int | None) -> bool:
+    """True while the process that started at `start` (start_time) still runs as `pid` (zombies are gone)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and int(fields[19]) == start
 
 
 def pids_with_token(tokens: Iterable[str]) -> dict[int, str]:
@@ -137,20 +168,26 @@ def _signal(pid: int, sig: int, group: bool = False) -> None:
         pass
 
 
-def stop(tokens: Iterable[str], grace_s: float, procs: Sequence[subprocess.Popen] = ()) -> list[int]:
-    """SIGTERM to the process groups of `procs` (our own children) and to every process carrying one of
-    `tokens`; after `grace_s`, SIGKILL to whatever is left. Returns the pids that were found alive."""
-    tokens = set(tokens)
-    seen = set(pids_with_token(tokens))
+def stop(tokens: Iterable[str], grace_s: float, procs: Sequence[Any] = (),
+         exact: dict[int, int] | None = None) -> list[int]:
+    """SIGTERM to the process groups of `procs` (our own children: subprocess.Popen or warm.WarmProc), to every
+    process carrying one of `tokens` and to the processes of `exact` ({pid: start_time}, while that process
+    still runs); after `grace_s`, SIGKILL to whatever is left. Returns the pids that were found alive."""
+    tokens, exact = set(tokens), exact or {}
+
+    def found() -> set[int]:
+        return set(pids_with_token(tokens)) | {pid for pid, start in exact.items() if running(pid, start)}
+
+    seen = found()
     for p in procs:
         if p.poll() is None:
             seen.add(p.pid)
             _signal(p.pid, signal.SIGTERM, group=True)
-    for pid in pids_with_token(tokens):
+    for pid in found():
         _signal(pid, signal.SIGTERM)
 
     def alive() -> set[int]:
-        left = set(pids_with_token(tokens))
+        left = found()
         seen.update(left)
         return left | {p.pid for p in procs if p.poll() is None}
 
@@ -172,15 +209,18 @@ def stop(tokens: Iterable[str], grace_s: float, procs: Sequence[subprocess.Popen
 
 
 def reap(rdir: Path, grace_s: float) -> list[int]:
-    """Kill what a previous launch into `rdir` left running on this machine (by its token); the pid file goes
-    once nothing of it is left. Returns the pids found. A launch on another machine is left alone."""
+    """Kill what a previous launch into `rdir` left running on this machine: every process with its token, and
+    its trainer by pid and start time when the pid file has them (a warm trainer's token is its zygote's); the
+    pid file goes once nothing of it is left. Returns the pids found. A launch on another machine is left alone."""
     info = read_pidfile(rdir)
     if info is None:
         return []
     if info.get("host") != socket.gethostname() or info.get("boot_id") != _boot_id():
         return []
-    found = stop([info["token"]], grace_s)
-    if not pids_with_token([info["token"]]):
+    pid, start = info.get("pid"), info.get("pid_start")
+    exact = {pid: start} if isinstance(pid, int) and isinstance(start, int) else {}
+    found = stop([info["token"]], grace_s, exact=exact)
+    if not pids_with_token([info["token"]]) and not any(running(p, s) for p, s in exact.items()):
         (rdir / PIDFILE).unlink(missing_ok=True)
     return found
 

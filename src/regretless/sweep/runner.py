@@ -4,8 +4,10 @@ Layout of the sweep folder DIR:
   DIR/spec.yaml                the expanded spec, for the record
   DIR/ledger.sqlite            one row per run (see ledger.py), each naming the spec that registered it
   DIR/.sweep.lock              held by the runner while it runs: one runner per sweep folder
+  DIR/zygote.log               what the zygote of warm launches printed, and the runs it forked (warm.py)
   DIR/runs/<id>/config.yaml    written here, then `python -m regretless.cli <cmd> --config .. --out .. --resume`
-                               (through torchrun on `gpus_per_run` GPUs when that is more than 1)
+                               (through torchrun on `gpus_per_run` GPUs when that is more than 1; with one GPU
+                               or none, locally, forked by a zygote that imported the trainer once: warm.py)
   DIR/runs/<id>/{stdout,stderr}.log, .trainer.json (token and pid of the live launch), and the trainer's own
                                files (metrics.jsonl, summary.json, .lock while it writes, ...)
 
