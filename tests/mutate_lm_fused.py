@@ -6,11 +6,12 @@ tests/test_lm_fused.py, expect each alteration to be caught, restore the file.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mutate import ROOT, run_mutations  # noqa: E402
+
 SRC = ROOT / "src/regretless/lm.py"
 ONEHOT = "g_C_V[torch.arange(len(y_C), device=y_C.device), y_C] -= 1.0"
 MUTATIONS = {
@@ -34,22 +35,7 @@ MUTATIONS = {
 
 
 def main() -> int:
-    orig = SRC.read_text()
-    missed = []
-    try:
-        for name, (a, b) in MUTATIONS.items():
-            assert orig.count(a) == 1, f"mutation target not found once: {a}"
-            SRC.write_text(orig.replace(a, b))
-            r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_lm_fused.py", "-x", "-q",
-                                "-p", "no:cacheprovider", "-p", "no:warnings"], cwd=ROOT, capture_output=True,
-                               check=False)
-            caught = r.returncode != 0
-            print(f"{name:40s} {'caught' if caught else 'MISSED'}", flush=True)
-            if not caught:
-                missed.append(name)
-    finally:
-        SRC.write_text(orig)
-    return 1 if missed else 0
+    return run_mutations(SRC, MUTATIONS, ["tests/test_lm_fused.py"])
 
 
 if __name__ == "__main__":

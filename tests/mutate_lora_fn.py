@@ -6,11 +6,12 @@ src/regretless/lora/layer.py, run its tests, expect each alteration to be caught
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mutate import ROOT, run_mutations  # noqa: E402
+
 SRC = ROOT / "src/regretless/lora/layer.py"
 MUTATIONS = {
     "dA drops the scale": ("dA = (gb_N_r.T @ x).mul_(s)", "dA = (gb_N_r.T @ x)"),
@@ -29,22 +30,7 @@ MUTATIONS = {
 
 
 def main() -> int:
-    orig = SRC.read_text()
-    missed = []
-    try:
-        for name, (a, b) in MUTATIONS.items():
-            assert a in orig, f"mutation target not found: {a}"
-            SRC.write_text(orig.replace(a, b))
-            r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_lora_layer.py", "-x", "-q",
-                                "-p", "no:warnings", "-k", "fn or fused_path"], cwd=ROOT, capture_output=True,
-                               check=False)
-            caught = r.returncode != 0
-            print(f"{name:30s} {'caught' if caught else 'MISSED'}")
-            if not caught:
-                missed.append(name)
-    finally:
-        SRC.write_text(orig)
-    return 1 if missed else 0
+    return run_mutations(SRC, MUTATIONS, ["tests/test_lora_layer.py", "-k", "fn or fused_path"])
 
 
 if __name__ == "__main__":
