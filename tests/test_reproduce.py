@@ -174,5 +174,7 @@ def test_ranks_above_a_matrix_side_are_capped_before_anything_runs(tiny_llama_di
 
 
 def test_full_preset_batch_arms_reuse_the_base_arms():
-    """256 steps of 8 = 32 steps of 64: the small-batch arms of the batch finding are the base arms."""
+    """128 steps of 8 = 32 steps of 32 (at least min_large_batch_steps): the small-batch arms of the batch finding
+    are the base arms, so the preset has 10 conditions, not 12."""
     assert R.FULL.sft["steps"] * R.FULL.sft["batch_size"] == 32 * R.FULL.large_batch
+    assert 32 >= R.FULL.min_large_batch_steps

@@ -159,3 +159,30 @@ def test_freeze_embeddings_in_rl_from_the_cli(tiny_llama_dir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if "embed" not in k)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainable_params"] == sum(v.numel() for v in before.values()) - 512 * 32
+
+
+@pytest.mark.parametrize("command", ["sft", "rl"])
+def test_save_weights_false_writes_metrics_and_summary_only(tiny_llama_dir, tmp_path, command):
+    """save_weights=false (the full preset's sweeps): the run ends `done` with its metrics and summary, and no
+    adapter, model or checkpoint is written; the same run with the default writes them."""
+    data = tmp_path / "d.jsonl"
+    if command == "sft":
+        data.write_text("".join(json.dumps(ex) + "\n" for ex in CHAT * 4))
+        args, over = ["sft", "--data", str(data), "--steps", "2", "--batch-size", "4"], ["eval_size=4", "seq_len=128"]
+    else:
+        data.write_text("\n".join(json.dumps({"prompt": f"Say {i}", "answer": "x"}) for i in range(12)))
+        (tmp_path / "r.py").write_text("def f(c, a):\n    return float(len(c) > 0 and ord(c[0]) % 2 == 1)\n")
+        args = ["rl", "--env", str(data), "--reward", f"{tmp_path / 'r.py'}:f", "--steps", "2",
+                "--problems-per-step", "2", "--group-size", "2", "--max-new-tokens", "3"]
+        over = ["eval_size=2", "train_size=8"]
+    for save in (True, False):
+        out = tmp_path / f"{command}-{save}"
+        rc = cli_main([*args, "--model", str(tiny_llama_dir), "--out", str(out), "--rank", "2", "--lr", "1e-3",
+                       "--device", "cpu", *over, f"save_weights={str(save).lower()}"])
+        assert rc == 0
+        assert json.loads((out / "summary.json").read_text())["status"] == "done"
+        assert (out / "metrics.jsonl").read_text().strip()
+        written = {p.name for p in out.iterdir()}
+        assert ({"adapter", "checkpoints"} <= written) is save
+        if not save:
+            assert not ({"adapter", "model", "checkpoints"} & written), written

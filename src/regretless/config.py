@@ -45,6 +45,7 @@ class TrainCommon:
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     device: str = "auto"
     save_every: int = 50  # checkpoint every N optimizer steps (and at the end)
+    save_weights: bool = True  # False: no final adapter/model and no end-of-run checkpoint (sweeps that need the curves)
     log_every: int = 1
     eval_every: int = 25
     compile: bool = False  # torch.compile the transformer trunk (CUDA; fuses element-wise ops)

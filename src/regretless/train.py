@@ -335,8 +335,9 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             ckpt.save(step + 1, model, optimizer, state)
     bar.close()
-    save_final(model, tok, cfg, out, model_path)
-    ckpt.save(total, model, optimizer, state)
+    if cfg.save_weights:
+        save_final(model, tok, cfg, out, model_path)
+        ckpt.save(total, model, optimizer, state)
     summary = finish("done", total)
     log(progress.final_line(summary, out))
     return summary

@@ -230,8 +230,9 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             ckpt.save(step + 1, model, optimizer, state)
     bar.close()
-    save_final(model, tok, cfg, out, model_path)
-    ckpt.save(cfg.steps, model, optimizer, state)
+    if cfg.save_weights:
+        save_final(model, tok, cfg, out, model_path)
+        ckpt.save(cfg.steps, model, optimizer, state)
     summary = finish("done", cfg.steps)
     log(progress.final_line(summary, out))
     return summary
