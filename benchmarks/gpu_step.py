@@ -344,7 +344,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=540, help="wall-clock budget; cases that no longer fit are skipped")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=4)
-    ap.add_argument("--only", default="", help="comma list of sections (dense,moe,long) or case names to run")
+    ap.add_argument("--only", default="", help="comma list of sections (dense,moe,long), case names (rl-lora+compile) or "
+                    "section:name (dense:rl-lora+compile) to run")
     ap.add_argument("--skip", default="", help="comma list of case names to skip, e.g. rl-full,peft+compile")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU check of the whole script in < 1 min)")
     ap.add_argument("--compile-backend", default=None, help="default inductor; --tiny on CPU uses aot_eager")
@@ -374,7 +375,7 @@ def main() -> None:
     skip = {s for s in args.skip.split(",") if s}
     rows: list[dict] = []
     for c in cases(args.tiny):
-        if (only and c.section not in only and c.name not in only) or c.name in skip:
+        if (only and not {c.section, c.name, f"{c.section}:{c.name}"} & only) or c.name in skip:
             continue
         left = args.budget_s - (time.perf_counter() - t_start)
         est = c.est_s * (0.1 if args.tiny else 1.0)

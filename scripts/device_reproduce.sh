@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# `regretless reproduce --preset PRESET` on a lent GPU machine that reaches no network, over several calls of at most
+# 10 minutes each (the sweep ledger resumes). Run from the repository root on that machine:
+#
+#   bash scripts/device_reproduce.sh stash                 # call 1: keep .devcache/p1/gguf.part1 in /root/stash
+#   bash scripts/device_reproduce.sh run full 480 12 4     # later calls: run for 480 s (12 SFT, 4 RL workers)
+#
+# Why the parts: the built-in SmolLM2-135M comes from a 98 MB GGUF file, over the 64 MiB one call carries; the
+# machine keeps /root while it stays warm between calls, so the first part travels in one call and the second
+# (.devcache/p2/gguf.part2, with gguf.sha256) in the next. Wheels the machine lacks travel in .whl/ (gguf).
+# The sweep folder is /root/work/PRESET on every machine (the same absolute paths in its spec and configs, so a
+# copy brought back continues here or there); a fresh machine starts from the copy carried in runs/PRESET.
+# SFT and RL searches run as two `reproduce --only` processes side by side (their sweep folders differ); when
+# both finish, one more `reproduce` (no new runs) writes the whole report. What comes back: $OUT/PRESET.tgz (run
+# folders without weights), logs, nvidia-smi utilisation.
+set -uo pipefail
+MODE=${1:?stash or run}
+GGUF=/root/.cache/regretless/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 REGRETLESS_WARM=${REGRETLESS_WARM:-0}
+
+if [ "$MODE" = stash ]; then
+  mkdir -p /root/stash && cp .devcache/p1/gguf.part1 /root/stash/ && ls -la /root/stash
+  exit $?
+fi
+
+PRESET=${2:?preset}; SECS=${3:?seconds}; WS=${4:-12}; WR=${5:-4}
+DIR=/root/work/$PRESET
+if [ ! -f "$GGUF" ]; then
+  [ -f /root/stash/gguf.part1 ] || { echo "no /root/stash/gguf.part1: the machine is not the one of the stash call"; exit 1; }
+  mkdir -p "$(dirname "$GGUF")"
+  cat /root/stash/gguf.part1 .devcache/p2/gguf.part2 > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"
+  (cd "$(dirname "$GGUF")" && sha256sum "$GGUF" | cut -d' ' -f1 | cmp - <(cut -d' ' -f1 "$OLDPWD/.devcache/p2/gguf.sha256")) \
+    || { echo "GGUF checksum mismatch"; rm -f "$GGUF"; exit 1; }
+fi
+python3 -m regretless assets prepare smollm2-135m 2>&1 | tail -1
+if [ ! -d "$DIR" ] && [ -d "runs/$PRESET" ]; then mkdir -p /root/work && cp -a "runs/$PRESET" "$DIR"; fi
+nvidia-smi dmon -s um -d 5 > "$OUT/dmon.log" 2>&1 &
+DMON=$!
+T0=$(date +%s)
+timeout -k 40 -s TERM "$SECS" python3 -m regretless reproduce --preset "$PRESET" --out "$DIR" --only rl \
+  --workers "$WR" > "$OUT/rl.log" 2>&1 &
+RL=$!
+timeout -k 40 -s TERM "$SECS" python3 -m regretless reproduce --preset "$PRESET" --out "$DIR" \
+  --only capacity,lr_ratio,batch,placement --workers "$WS" > "$OUT/sft.log" 2>&1 &
+SFT=$!
+wait $RL; RC_RL=$?
+wait $SFT; RC_SFT=$?
+echo "rl exit $RC_RL, sft exit $RC_SFT after $(( $(date +%s) - T0 )) s"
+if [ $RC_RL = 0 ] && [ $RC_SFT = 0 ]; then
+  timeout 120 python3 -m regretless reproduce --preset "$PRESET" --out "$DIR" > "$OUT/all.log" 2>&1
+  echo "whole report: exit $?"; tail -30 "$OUT/all.log"
+fi
+kill $DMON 2>/dev/null
+tail -n 4 "$OUT/rl.log" "$OUT/sft.log"
+tar czf "$OUT/$PRESET.tgz" -C /root/work --exclude=adapter --exclude=model --exclude=checkpoints "$PRESET"
+ls -la "$OUT"
