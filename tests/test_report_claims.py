@@ -43,6 +43,19 @@ def test_lr_ratio_inconclusive_when_noise_hides_it_or_optimum_unbracketed(tmp_pa
     assert c["verdict"] == S.INCONCLUSIVE and "not bracketed" in c["reason"] and "r16" in c["reason"]
 
 
+def test_an_unfinished_search_gives_no_verdict(tmp_path):
+    """A claim whose arm's LR search `reproduce` left unfinished (decisive runs missing) is inconclusive, even
+    where its runs so far would decide; an unfinished arm the claim does not use changes nothing."""
+    sft_arm(tmp_path, "full", full(), 1e-3)
+    sft_arm(tmp_path, "r16", lora(16), 1e-3 * 12.0)
+    records = A.load_runs(tmp_path)
+    done = next(c for c in C.evaluate(records, {"rl-r1"}) if c["finding"] == "lr_ratio")
+    assert done["verdict"] == S.HELD and set(done["arms"]) == {"full", "r16"}
+    left = next(c for c in C.evaluate(records, {"r16"}) if c["finding"] == "lr_ratio")
+    assert left["verdict"] == S.INCONCLUSIVE and "r16 has not finished" in left["reason"]
+    assert left["ratio"] == pytest.approx(done["ratio"])  # the numbers so far are still reported
+
+
 # ---- capacity ----------------------------------------------------------------------------------------------
 def test_capacity_three_verdicts(tmp_path):
     def build(root, hi_lag, lo_fall, sd=0.002):

@@ -178,3 +178,59 @@ def test_full_preset_batch_arms_reuse_the_base_arms():
     are the base arms, so the preset has 10 conditions, not 12."""
     assert R.FULL.sft["steps"] * R.FULL.sft["batch_size"] == 32 * R.FULL.large_batch
     assert 32 >= R.FULL.min_large_batch_steps
+
+
+U_CURVE_TRAINER = r'''
+import argparse, json, math
+from pathlib import Path
+import yaml
+p = argparse.ArgumentParser()
+p.add_argument("command"); p.add_argument("--config"); p.add_argument("--out"); p.add_argument("--resume", action="store_true")
+a = p.parse_args()
+cfg = yaml.safe_load(open(a.config))
+out = Path(a.out)
+with open(out.parent.parent / "launches.log", "a") as f:
+    f.write(out.name + "\n")
+opt = 1e-2 if cfg.get("lora") else 1e-3  # the optimal LR: 10x for LoRA
+loss = 1.0 + (math.log10(cfg["lr"] / opt)) ** 2 + 0.01 * cfg["seed"]
+rows = [{"step": s, "loss": loss + 1.0 / s, "eval_loss": loss + 1.0 / s} for s in (1, 2, 3)]
+(out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+json.dump({"status": "done", "steps": 3, "final_loss": loss, "final_eval_loss": loss, "best_eval_loss": loss,
+           "trainable_params": 10, "lr": cfg["lr"], "wall_s": 0.1}, open(out / "summary.json", "w"))
+'''
+
+
+def test_a_resumed_search_replays_and_reports_every_run(tiny_llama_dir, tmp_path):
+    """A reproduction stopped after its first round and started again replays the search from the ledger: it
+    launches only the runs that had not finished, and its spec, context and claims cover every run of the
+    search, as one uninterrupted invocation's do (a resumed invocation used to report only its own runs)."""
+    import sys
+
+    from regretless.sweep.ledger import current_rows
+
+    trainer = tmp_path / "u_trainer.py"
+    trainer.write_text(U_CURVE_TRAINER)
+    launcher = [sys.executable, str(trainer), "{command}", "--config", "{config}", "--out", "{out}", "--resume"]
+    data = chat_jsonl(tmp_path / "chat.jsonl", n=40)
+    mini = dataclasses.replace(MINI, seeds=(0, 1), max_decades=2.0)
+    kw = {"model": str(tiny_llama_dir), "data": str(data), "only": "lr_ratio", "quiet": True, "launcher": launcher}
+
+    whole = R.reproduce(mini, tmp_path / "whole", **kw)
+    R.reproduce(mini, tmp_path / "parts", max_rounds=1, **kw)
+    first = (tmp_path / "parts" / "sft" / "launches.log").read_text().split()
+    parts = R.reproduce(mini, tmp_path / "parts", **kw)
+    launched = (tmp_path / "parts" / "sft" / "launches.log").read_text().split()
+    assert len(launched) == len(set(launched))  # nothing the first invocation finished ran again
+    n = whole["context"]["runs"]
+    assert parts["context"]["runs"] == n == len(launched) > len(first)
+    ids = {r["id"] for r in current_rows(tmp_path / "whole" / "sft")}
+    assert {r["id"] for r in current_rows(tmp_path / "parts" / "sft")} == ids and len(ids) == n
+    assert [c["search"] for c in parts["context"]["conditions"]] == ["done", "done"]
+    claim = {c["finding"]: c for c in parts["report"]["claims"]}["lr_ratio"]
+    same = {c["finding"]: c for c in whole["report"]["claims"]}["lr_ratio"]
+    assert claim["runs"] == same["runs"] and claim["ratio"] == pytest.approx(same["ratio"])
+    assert claim["ratio"] == pytest.approx(10, rel=0.1)
+    # started again with nothing left: no launch, the same report
+    again = R.reproduce(mini, tmp_path / "parts", **kw)
+    assert (tmp_path / "parts" / "sft" / "launches.log").read_text().split() == launched
+    assert again["context"]["runs"] == n and again["context"]["rounds"] == 0

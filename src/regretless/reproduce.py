@@ -349,10 +349,13 @@ class Plan:
 
     runs: dict[str, list[tuple[str, float, int]]] = field(default_factory=lambda: {"sft": [], "rl": []})
 
-    def add(self, cond: Condition, lr: float, seed: int) -> None:
+    def add(self, cond: Condition, lr: float, seed: int) -> bool:
+        """True when the run is new to the plan."""
         key = (cond.name, lr, seed)
-        if key not in self.runs[cond.command]:
-            self.runs[cond.command].append(key)
+        if key in self.runs[cond.command]:
+            return False
+        self.runs[cond.command].append(key)
+        return True
 
 
 def sweep_spec(command: str, base: dict[str, Any], conds: dict[str, Condition],
@@ -399,7 +402,11 @@ def score(command: str, summary: dict[str, Any] | None, status: str) -> float | 
     return float(v) if command == "sft" else -float(v)
 
 
-def read_scores(sweep_dir: Path, command: str, conds: dict[str, Condition]) -> dict[str, dict[float, dict[int, float]]]:
+def read_scores(sweep_dir: Path, command: str, conds: dict[str, Condition],
+                ids: dict[str, tuple[str, float, int]] | None = None) -> dict[str, dict[float, dict[int, float]]]:
+    """{condition: {lr: {seed: score}}} of the finished runs in the sweep folder's ledger. With `ids` (run id ->
+    (condition, lr, seed), from `planned_ids`), only those exact runs count: a row of an older spec with the same
+    axes but another base config (other steps, data, model) never enters a search."""
     from regretless.sweep.ledger import Ledger
 
     out: dict[str, dict[float, dict[int, float]]] = {c: {} for c in conds}
@@ -407,7 +414,7 @@ def read_scores(sweep_dir: Path, command: str, conds: dict[str, Condition]) -> d
     if not path.is_file():
         return out
     for row in Ledger(path).runs():
-        key = run_key(command, row.get("axes") or {}, conds)
+        key = ids.get(row["id"]) if ids is not None else run_key(command, row.get("axes") or {}, conds)
         if key is None:
             continue
         try:
@@ -419,6 +426,37 @@ def read_scores(sweep_dir: Path, command: str, conds: dict[str, Condition]) -> d
         if s is not None:
             out[key[0]].setdefault(key[1], {})[key[2]] = s
     return out
+
+
+def planned_ids(command: str, base: dict[str, Any], conds: dict[str, Condition],
+                runs: list[tuple[str, float, int]]) -> dict[str, tuple[str, float, int]]:
+    """Run id (the sweep's hash of the full config) -> (condition, lr, seed) for every planned run."""
+    from regretless.sweep.spec import expand
+
+    if not runs:
+        return {}
+    spec = parse_spec(sweep_spec(command, base, conds, runs), f"{command} plan")
+    return {r.id: key for r in expand(spec) if (key := run_key(command, r.axes, conds)) is not None}
+
+
+def active_seconds(out: Path, ids: dict[str, set[str]]) -> float:
+    """Seconds during which at least one of the runs `ids` ({command: run ids}) was running, from the ledgers'
+    start and finish times: the search's own wall time, whichever invocations (and side-by-side processes)
+    ran its runs."""
+    from regretless.sweep.ledger import Ledger
+
+    spans = []
+    for cmd, keep in ids.items():
+        path = out / cmd / "ledger.sqlite"
+        if keep and path.is_file():
+            spans += [(r["started"], r["finished"]) for r in Ledger(path).runs()
+                      if r["id"] in keep and r.get("started") and r.get("finished")]
+    total, end = 0.0, -math.inf
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -433,7 +471,7 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
     """Run the selected findings' searches into `out`, then write the report. Returns {"report", "context"}."""
     from regretless.prepare import resolve_or_build as resolve_model
     from regretless.report import write_report
-    from regretless.sweep import run_sweep
+    from regretless.sweep import register_spec, run_sweep
 
     p = get_preset(preset)
     findings = parse_only(only, p.findings)
@@ -481,30 +519,48 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
          f"{'freezes' if freeze else 'trains'} embeddings+head ({facts['embed_share']:.0%} of parameters)", quiet)
     if rank_note:
         _say(rank_note, quiet)
+    bases = {"sft": sft_base, "rl": rl_base}
+    kw = {"launcher": launcher} if launcher is not None else {}
     rounds = 0
-    for rounds in range(1, max_rounds + 1):
-        todo = 0
-        scores = {cmd: read_scores(out / cmd, cmd, by_name) for cmd in ("sft", "rl")}
+    for _ in range(4 * MAX_ROUNDS + 4):  # replay steps and rounds; the searches end long before
+        # Replay: the search is a pure function of the scores, so it is rebuilt from its first round each time
+        # `reproduce` starts; runs that an earlier (killed or finished) invocation finished score at once and
+        # only runs that have not finished are launched. The plan, and so the spec and the report, hold every
+        # run of the search, whichever invocation ran it.
+        ids = {cmd: planned_ids(cmd, bases[cmd], by_name, plan.runs[cmd]) for cmd in bases}
+        scores = {cmd: read_scores(out / cmd, cmd, by_name, ids[cmd]) for cmd in bases}
+        asked = 0
         for c in conds:
             st, nxt = next_runs(scores[c.command][c.name], c.start_lr, search)
             status[c.name] = st
-            for lr, seed in nxt:
-                plan.add(c, lr, seed)
-                todo += 1
-        if not todo:
+            asked += sum(plan.add(c, lr, seed) for lr, seed in nxt)
+        if not asked:
             break
-        _say(f"round {rounds}: {todo} new runs ({sum(s != DONE for s in status.values())} conditions searching)",
-             quiet)
-        for cmd, base in (("sft", sft_base), ("rl", rl_base)):
-            if plan.runs[cmd]:
+        ids = {cmd: planned_ids(cmd, bases[cmd], by_name, plan.runs[cmd]) for cmd in bases}
+        scores = {cmd: read_scores(out / cmd, cmd, by_name, ids[cmd]) for cmd in bases}
+        todo = {cmd: [k for k in plan.runs[cmd] if k[2] not in scores[cmd][k[0]].get(k[1], {})] for cmd in bases}
+        if not any(todo.values()):
+            continue  # every run this step asks for finished earlier: replay on
+        if rounds == max_rounds:
+            break
+        rounds += 1
+        _say(f"round {rounds}: {sum(map(len, todo.values()))} runs to run "
+             f"({sum(s != DONE for s in status.values())} conditions searching)", quiet)
+        for cmd, base in bases.items():
+            if todo[cmd]:
                 spec = parse_spec(sweep_spec(cmd, base, by_name, plan.runs[cmd]), f"preset {p.name}: {cmd}")
-                kw = {"launcher": launcher} if launcher is not None else {}
                 run_sweep(spec, out / cmd, workers=workers, threads_per_run=1, quiet=True, **kw)
+    for cmd, base in bases.items():  # the whole plan is the ledgers' current spec, whichever invocation ran
+        if plan.runs[cmd]:  # its runs (a replay that launched nothing would leave an older invocation's)
+            register_spec(parse_spec(sweep_spec(cmd, base, by_name, plan.runs[cmd]), f"preset {p.name}: {cmd}"),
+                          out / cmd)
     context["conditions"] = [{**asdict(c), "search": status.get(c.name, "?"),
                               "runs": sum(1 for n, _, _ in plan.runs[c.command] if n == c.name)} for c in conds]
     context["rounds"] = rounds
     context["runs"] = sum(len(v) for v in plan.runs.values())
     context["wall_s"] = round(time.time() - t0, 1)
+    context["runs_wall_s"] = round(active_seconds(out, {cmd: set(planned_ids(cmd, bases[cmd], by_name, plan.runs[cmd]))
+                                                        for cmd in bases}), 1)
     from regretless.config import atomic_write_text
 
     atomic_write_text(out / "reproduce.json", json.dumps(context, indent=2, default=str) + "\n")
@@ -553,8 +609,8 @@ __all__ = [
     "Preset",
     "build_conditions",
     "dry_run",
-    "get_preset",
     "fit_ranks",
+    "get_preset",
     "matched_attention_rank",
     "materialize_data",
     "model_facts",

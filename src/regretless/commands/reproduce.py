@@ -8,6 +8,7 @@ Examples:
   regretless reproduce --preset standard --out runs/standard  # SmolLM2-135M: capacity, LR ratio, placement
   regretless reproduce --model ./my-model --data chats.jsonl --only placement --out runs/mine  # your model, data
   regretless reproduce --preset full --dry-run --out runs/full  # what the GPU preset would run
+  regretless reproduce --preset full --report-only --out runs/full  # the report of runs brought back, none launched
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="concurrent runs (default: one per GPU, else one per CPU core)")
     p.add_argument("--dry-run", action="store_true", help="list the conditions and the search; run nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="replay the searches from the runs already in --out and write the report; launch nothing "
+                        "(e.g. for run folders brought back from a GPU machine)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -42,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         return 0
     result = R.reproduce(preset, args.out, model=args.model, data=args.data, env=args.env, only=args.only,
-                         workers=args.workers, quiet=args.quiet)
+                         workers=args.workers, quiet=args.quiet, **({"max_rounds": 0} if args.report_only else {}))
     ctx = result["context"]
-    print(f"{ctx['runs']} runs in {ctx['rounds']} rounds, {ctx['wall_s'] / 60:.1f} min")
+    left = [c["name"] for c in ctx["conditions"] if c["search"] == "searching"]
+    print(f"{ctx['runs']} runs planned, {ctx['rounds']} rounds run now, {ctx['wall_s'] / 60:.1f} min; runs active "
+          f"{ctx['runs_wall_s'] / 60:.1f} min in all" + (f"; still searching: {', '.join(left)}" if left else ""))
     for line in R.summary_lines(result, R.parse_only(args.only, preset.findings)):
         print(line)
     print(f"wrote {args.out}/report.html and {args.out}/claims.json")

@@ -51,7 +51,7 @@ def _claim(finding: str, verdict: str, effect: float | None, interval: list[floa
     seeds = max((len(a.at_lr(lr)) for a in arms for lr in a.scores()), default=0)
     return {"finding": finding, "title": TITLES[finding], "paper": PAPER[finding], "verdict": verdict,
             "effect": effect, "interval": interval, "runs": len(runs), "seeds": seeds, "reason": reason,
-            "measured": measured, **extra}
+            "measured": measured, "arms": [a.name for a in arms], **extra}
 
 
 def _none(finding: str, reason: str, arms: list[A.Arm] | None = None) -> dict[str, Any]:
@@ -326,7 +326,15 @@ def rl(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     return _claim("rl", v, d, iv.as_list(), reason, measured, [f, lo], **extra)
 
 
-def evaluate(records: list[A.RunRecord]) -> list[dict[str, Any]]:
-    """All five claims, in the paper's order."""
+def evaluate(records: list[A.RunRecord], unfinished: frozenset[str] | set[str] = frozenset()) -> list[dict[str, Any]]:
+    """All five claims, in the paper's order. `unfinished`: arms whose LR search has not finished (`reproduce`
+    stopped before their decisive runs ran): a claim that uses one is `inconclusive`, whatever its runs say."""
     all_arms = A.arms(records)
-    return [capacity(all_arms), lr_ratio(all_arms, records), batch(all_arms), placement(all_arms), rl(all_arms)]
+    claims = [capacity(all_arms), lr_ratio(all_arms, records), batch(all_arms), placement(all_arms), rl(all_arms)]
+    for c in claims:
+        left = [a for a in c["arms"] if a in unfinished]
+        if left:
+            c["verdict"] = INCONCLUSIVE
+            c["reason"] = (f"the LR search of {', '.join(left)} has not finished (decisive runs missing), so no "
+                           f"verdict yet; so far: {c['reason']}")
+    return claims

@@ -51,7 +51,8 @@ def build(root: str | Path) -> dict[str, Any]:
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
     all_arms = A.arms(records)
-    claims = C.evaluate(records)
+    context = _context(root, records)
+    claims = C.evaluate(records, {c["name"] for c in context.get("conditions", []) if c.get("search") == "searching"})
     lr_claim = next(c for c in claims if c["finding"] == "lr_ratio")
     figures = []
     for name, (finding, fn) in FIGURES.items():
@@ -64,7 +65,7 @@ def build(root: str | Path) -> dict[str, Any]:
     failed = [{"id": r.id, "name": r.name, "path": str(r.path), "error": r.error}
               for r in records if r.status == "failed"]
     return {"generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "root": str(root),
-            "context": _context(root, records), "runs": {"total": len(records), **counts}, "claims": claims,
+            "context": context, "runs": {"total": len(records), **counts}, "claims": claims,
             "figures": figures, "failed_runs": failed}
 
 
@@ -81,8 +82,7 @@ def _header(report: dict[str, Any]) -> str:
             ("model", model), ("SFT data", e(str(c.get("data", "-")))), ("RL environment", e(str(c.get("env", "-")))),
             ("seeds", e(str(c.get("seeds")))), ("optimizer steps per run", e(", ".join(map(str, c.get("steps", [])))
                                                                             or "-")),
-            ("runs", e(runs)), ("wall time", f"{c['wall_s'] / 60:.1f} min ({e(str(c.get('budget', '')))})"
-                                if c.get("wall_s") else "-"),
+            ("runs", e(runs)), ("wall time", _wall(c)),
             ("FullFT baseline", "embeddings and LM head frozen (they are a large share of this model; LoRA never "
                                 "trains them)" if c.get("freeze_embeddings") else "trains every parameter")]
     table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
@@ -91,6 +91,15 @@ def _header(report: dict[str, Any]) -> str:
             "lies wholly outside, <i>inconclusive</i> otherwise; a finding that did not hold here says how this "
             "model and budget behave, not that the paper is wrong at its scale.</p>") if c.get("scale_note") else ""
     return f"<table>{table}</table>{note}"
+
+
+def _wall(c: dict[str, Any]) -> str:
+    """Runs active (the union of the runs' start-to-finish spans over every invocation), else this invocation's
+    wall time; the preset's budget beside it."""
+    budget = f" (budget: {html.escape(str(c['budget']))})" if c.get("budget") else ""
+    if c.get("runs_wall_s"):
+        return f"{c['runs_wall_s'] / 60:.1f} min with runs active, over every invocation{budget}"
+    return f"{c['wall_s'] / 60:.1f} min{budget}" if c.get("wall_s") else "-"
 
 
 def render_html(report: dict[str, Any]) -> str:

@@ -106,6 +106,15 @@ def prepare(spec: SweepSpec, runs: list[RunSpec], out: Path, ledger: Ledger, ext
     return h
 
 
+def register_spec(spec: SweepSpec | dict[str, Any] | str | Path, out: str | Path) -> str:
+    """Make `spec` the current spec of sweep folder `out` (configs written, rows registered, finished runs'
+    summaries recorded) and run nothing: what `run_sweep` does before it launches. Returns the spec's hash."""
+    spec, out = as_spec(spec), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with procs.sweep_lock(out):
+        return prepare(spec, expand(spec), out, Ledger(out / "ledger.sqlite"))
+
+
 def reap(out: Path, grace_s: float) -> list[int]:
     """Kill what earlier runners into `out` left alive on this machine (every run folder, old specs too)."""
     found: list[int] = []
