@@ -73,6 +73,19 @@ def test_capacity_three_verdicts(tmp_path):
     assert got["inc"]["verdict"] == S.INCONCLUSIVE, got["inc"]
 
 
+@pytest.mark.parametrize("tokens,verdict", [(999, S.INCONCLUSIVE), (1001, S.NOT_HELD)])
+def test_capacity_fall_off_is_tested_only_where_the_low_rank_can_run_out(tmp_path, tokens, verdict):
+    """The low rank's gap does not grow. With fewer trained tokens than its 1,000 LoRA parameters the paper's
+    rule predicts exactly that, so (b) is untestable (inconclusive), not `did not hold`; with more tokens than
+    parameters it did not hold."""
+    sft_arm(tmp_path, "full", full(), 1e-3, tokens=tokens)
+    sft_arm(tmp_path, "r64", lora(64), 1e-2, tokens=tokens, params=64_000)
+    sft_arm(tmp_path, "r1", lora(1), 1e-2, lag=-0.3, tokens=tokens, params=1000)  # the gap shrinks
+    part = claim(tmp_path, "capacity")["parts"]["low_rank_gap_growth"]
+    assert part["verdict"] == verdict and part["testable"] is (tokens > 1000), part
+    assert part["interval"][1] < 0 and (part["lora_params"], part["trained_tokens"]) == (1000, tokens)
+
+
 # ---- batch -------------------------------------------------------------------------------------------------
 def test_batch_three_verdicts(tmp_path):
     def build(root, extra_lag_large, sd=0.002):

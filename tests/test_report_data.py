@@ -27,7 +27,7 @@ def noise(*key) -> float:
 
 def sft_arm(root, name: str, cfg: dict, opt_lr: float, drop: float = 1.0, sd: float = 0.002,
             fall_off: float = 0.0, lag: float = 0.0, seeds=(0, 1), params: int = 1000, steps: int = T,
-            lrs: list[float] | None = None) -> None:
+            lrs: list[float] | None = None, tokens: int | None = None) -> None:
     """An arm's runs: eval loss falls by `drop` (linear in log step), scaled down away from `opt_lr`
     (quadratic in log10 LR); `fall_off` is a gap that opens after step 8 (a capacity limit), `lag` a constant
     gap; seeded noise of SD `sd` per eval point."""
@@ -46,7 +46,7 @@ def sft_arm(root, name: str, cfg: dict, opt_lr: float, drop: float = 1.0, sd: fl
             folder = write_run(root, rid, "sft", {"model": "m", "lr": lr, "seed": seed, "steps": steps, **cfg},
                                metrics, trainable_params=params)
             s = json.loads((folder / "summary.json").read_text())
-            s.update(steps=steps, final_eval_loss=metrics[-1]["eval_loss"])
+            s.update(steps=steps, final_eval_loss=metrics[-1]["eval_loss"], **({"tokens": tokens} if tokens else {}))
             (folder / "summary.json").write_text(json.dumps(s))
 
 

@@ -402,29 +402,21 @@ def score(command: str, summary: dict[str, Any] | None, status: str) -> float | 
     return float(v) if command == "sft" else -float(v)
 
 
-def read_scores(sweep_dir: Path, command: str, conds: dict[str, Condition],
-                ids: dict[str, tuple[str, float, int]] | None = None) -> dict[str, dict[float, dict[int, float]]]:
-    """{condition: {lr: {seed: score}}} of the finished runs in the sweep folder's ledger. With `ids` (run id ->
-    (condition, lr, seed), from `planned_ids`), only those exact runs count: a row of an older spec with the same
-    axes but another base config (other steps, data, model) never enters a search."""
+def ledger_scores(sweep_dir: Path, command: str) -> dict[str, float | None]:
+    """Run id -> score (`score`: lower is better, +inf diverged or failed, None not finished) of every row in
+    the sweep folder's ledger."""
     from regretless.sweep.ledger import Ledger
 
-    out: dict[str, dict[float, dict[int, float]]] = {c: {} for c in conds}
     path = sweep_dir / "ledger.sqlite"
     if not path.is_file():
-        return out
+        return {}
+    out: dict[str, float | None] = {}
     for row in Ledger(path).runs():
-        key = ids.get(row["id"]) if ids is not None else run_key(command, row.get("axes") or {}, conds)
-        if key is None:
-            continue
         try:
             summary = json.loads((sweep_dir / row["path"] / "summary.json").read_text())
         except (OSError, ValueError):
             summary = None
-        status = (summary or {}).get("status") or row.get("status", "queued")
-        s = score(command, summary, status)
-        if s is not None:
-            out[key[0]].setdefault(key[1], {})[key[2]] = s
+        out[row["id"]] = score(command, summary, (summary or {}).get("status") or row.get("status", "queued"))
     return out
 
 
@@ -521,33 +513,45 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
         _say(rank_note, quiet)
     bases = {"sft": sft_base, "rl": rl_base}
     kw = {"launcher": launcher} if launcher is not None else {}
+    ids: dict[tuple[str, str, float, int], str] = {}  # (command, condition, lr, seed) -> run id
+
+    def run_id_of(cmd: str, key: tuple[str, float, int]) -> str:
+        if (cmd, *key) not in ids:
+            ids[(cmd, *key)] = next(iter(planned_ids(cmd, bases[cmd], by_name, [key])))
+        return ids[(cmd, *key)]
+
     rounds = 0
-    for _ in range(4 * MAX_ROUNDS + 4):  # replay steps and rounds; the searches end long before
-        # Replay: the search is a pure function of the scores, so it is rebuilt from its first round each time
-        # `reproduce` starts; runs that an earlier (killed or finished) invocation finished score at once and
-        # only runs that have not finished are launched. The plan, and so the spec and the report, hold every
-        # run of the search, whichever invocation ran it.
-        ids = {cmd: planned_ids(cmd, bases[cmd], by_name, plan.runs[cmd]) for cmd in bases}
-        scores = {cmd: read_scores(out / cmd, cmd, by_name, ids[cmd]) for cmd in bases}
-        asked = 0
+    while True:
+        # Replay: the search is a pure function of the scores, so each condition's search is rebuilt from its
+        # first step whenever `reproduce` starts, and advanced at once through every step whose runs an
+        # earlier (killed or finished) invocation finished; only runs that have not finished are launched.
+        # The plan, and so the spec and the report, hold every run of the search, whichever invocation ran it,
+        # and a row of another spec (same axes, other base config) never enters it: runs match by id.
+        finished = {cmd: ledger_scores(out / cmd, cmd) for cmd in bases}
+        pending: dict[str, list[tuple[str, float, int]]] = {cmd: [] for cmd in bases}
         for c in conds:
-            st, nxt = next_runs(scores[c.command][c.name], c.start_lr, search)
-            status[c.name] = st
-            asked += sum(plan.add(c, lr, seed) for lr, seed in nxt)
-        if not asked:
-            break
-        ids = {cmd: planned_ids(cmd, bases[cmd], by_name, plan.runs[cmd]) for cmd in bases}
-        scores = {cmd: read_scores(out / cmd, cmd, by_name, ids[cmd]) for cmd in bases}
-        todo = {cmd: [k for k in plan.runs[cmd] if k[2] not in scores[cmd][k[0]].get(k[1], {})] for cmd in bases}
-        if not any(todo.values()):
-            continue  # every run this step asks for finished earlier: replay on
-        if rounds == max_rounds:
+            cmd = c.command
+            while True:
+                seen: dict[float, dict[int, float]] = {}
+                for key in plan.runs[cmd]:
+                    s = finished[cmd].get(run_id_of(cmd, key)) if key[0] == c.name else None
+                    if s is not None:
+                        seen.setdefault(key[1], {})[key[2]] = s
+                status[c.name], nxt = next_runs(seen, c.start_lr, search)
+                for lr, seed in nxt:
+                    plan.add(c, lr, seed)
+                waiting = [(c.name, lr, seed) for lr, seed in nxt
+                           if finished[cmd].get(run_id_of(cmd, (c.name, lr, seed))) is None]
+                if not nxt or waiting:
+                    pending[cmd] += waiting
+                    break
+        if not any(pending.values()) or rounds == max_rounds:
             break
         rounds += 1
-        _say(f"round {rounds}: {sum(map(len, todo.values()))} runs to run "
+        _say(f"round {rounds}: {sum(map(len, pending.values()))} runs to run "
              f"({sum(s != DONE for s in status.values())} conditions searching)", quiet)
         for cmd, base in bases.items():
-            if todo[cmd]:
+            if pending[cmd]:
                 spec = parse_spec(sweep_spec(cmd, base, by_name, plan.runs[cmd]), f"preset {p.name}: {cmd}")
                 run_sweep(spec, out / cmd, workers=workers, threads_per_run=1, quiet=True, **kw)
     for cmd, base in bases.items():  # the whole plan is the ledgers' current spec, whichever invocation ran
@@ -559,7 +563,7 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
     context["rounds"] = rounds
     context["runs"] = sum(len(v) for v in plan.runs.values())
     context["wall_s"] = round(time.time() - t0, 1)
-    context["runs_wall_s"] = round(active_seconds(out, {cmd: set(planned_ids(cmd, bases[cmd], by_name, plan.runs[cmd]))
+    context["runs_wall_s"] = round(active_seconds(out, {cmd: {run_id_of(cmd, k) for k in plan.runs[cmd]}
                                                         for cmd in bases}), 1)
     from regretless.config import atomic_write_text
 

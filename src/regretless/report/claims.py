@@ -144,7 +144,17 @@ def lr_ratio(all_arms: dict[str, A.Arm], records: list[A.RunRecord]) -> dict[str
                   ratio_interval=iv.as_list(), **extra)
 
 
+def low_rank_budget(arm: A.Arm) -> tuple[int | None, int | None]:
+    """(LoRA parameters, tokens trained on) of an arm's runs, from their summaries (None where unknown)."""
+    params = [r.trainable_params for r in arm.runs if r.trainable_params]
+    tokens = [int(t) for r in arm.runs if (t := (r.summary or {}).get("tokens"))]
+    return (max(params) if params else None), (max(tokens) if tokens else None)
+
+
 def capacity(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
+    """(b) is tested only where the lowest rank can run out: the paper's practical rule (PAPER.md, capacity in
+    bits) has LoRA working while its parameters are at least the trained tokens, so with fewer tokens than
+    parameters the paper itself predicts no fall-off and the part is `inconclusive`, never `did not hold`."""
     arms = A.base_arms(all_arms)
     ranks = sorted((k for k in arms if k != "full"), key=A.rank_of)
     if "full" not in arms or len(ranks) < 2:
@@ -181,17 +191,25 @@ def capacity(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     growth = S.Interval(g.value / drop, g.low / drop, g.high / drop)
     v_track = S.verdict(track.as_list(), (-math.inf, CAP_TRACK))
     v_fall = S.verdict(growth.as_list(), (0.0, math.inf))
+    params, tokens = low_rank_budget(arms[lo])
+    roomy = params is not None and tokens is not None and params >= tokens
+    if roomy:  # the paper's own rule says this rank has room for the data: no fall-off to test
+        v_fall = INCONCLUSIVE
     v = S.combine([v_track, v_fall])
     gaps = {k: {"steps": steps.tolist(), "gap": [float((at(k, i)[0] - at("full", i)[0]) / drop)
                                                   for i in range(len(steps))]} for k in ranks}
     measured = (f"r={A.rank_of(hi)} final gap to FullFT {_fmt_iv(track, True)} of FullFT's drop {drop:.3g}; "
                 f"r={A.rank_of(lo)} gap grew by {_fmt_iv(growth, True)} from step {int(steps[early_i])} to {last}")
-    parts = [f"high rank tracks FullFT: {v_track}", f"low rank falls off: {v_fall}"]
+    parts = [f"high rank tracks FullFT: {v_track}", f"low rank falls off: {v_fall}" + (
+        f" (r={A.rank_of(lo)}'s {params:,} parameters are at least the {tokens:,} tokens trained on: by the paper's "
+        "capacity rule it has room for this data, so this data cannot show it running out)" if roomy else "")]
     return _claim("capacity", v, growth.value, growth.as_list(), "; ".join(parts), measured, list(arms.values()),
                   parts={"high_rank_gap": {"effect": track.value, "interval": track.as_list(),
                                            "region": [-math.inf, CAP_TRACK], "verdict": v_track},
                          "low_rank_gap_growth": {"effect": growth.value, "interval": growth.as_list(),
-                                                 "region": [0.0, math.inf], "verdict": v_fall}},
+                                                 "region": [0.0, math.inf], "verdict": v_fall,
+                                                 "lora_params": params, "trained_tokens": tokens,
+                                                 "testable": not roomy}},
                   gaps=gaps, fullft_drop=drop)
 
 
