@@ -12,16 +12,16 @@ from regretless.sweep.runner import SweepResult, register_spec, run_sweep
 from regretless.sweep.spec import RunSpec, SweepSpec, expand, load_spec, lr_grid, parse_spec
 
 __all__ = [
-           "Ledger",
-           "RunSpec",
-           "SweepResult",
-           "SweepSpec",
-           "current_rows",
-           "expand",
-           "load_spec",
-           "lr_grid",
-           "parse_spec",
-           "register_spec",
-           "run_sweep",
-           "stale_rows",
+    "Ledger",
+    "RunSpec",
+    "SweepResult",
+    "SweepSpec",
+    "current_rows",
+    "expand",
+    "load_spec",
+    "lr_grid",
+    "parse_spec",
+    "register_spec",
+    "run_sweep",
+    "stale_rows",
 ]
