@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import sqlite3
 
+import time
+
 import pytest
 
 from regretless.errors import UserError
@@ -68,6 +70,23 @@ def test_add_run_keeps_status_and_failure_is_recorded(tmp_path):
     assert ledger.get("a")["error"].endswith("boom") and ledger.get("a")["status"] == "failed"
     with pytest.raises(KeyError):
         ledger.update("missing", status="done")
+
+
+def test_recording_a_finished_run_again_keeps_its_finish_time(tmp_path):
+    """A finished run registered again (a later spec, a replay) keeps its finish time: the report's 'runs
+    active' wall time comes from these spans. A rerun after a failure is a new finish."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.add_run("a", "a", "sft", {}, {}, "runs/a")
+    ledger.mark_running("a")
+    ledger.record_summary("a", {"status": "done", "final_eval_loss": 1.5})
+    first = ledger.get("a")["finished"]
+    time.sleep(0.02)
+    ledger.record_summary("a", {"status": "done", "final_eval_loss": 1.5})
+    assert ledger.get("a")["finished"] == first
+    ledger.record_failure("a", "boom")
+    time.sleep(0.02)
+    ledger.record_summary("a", {"status": "done", "final_eval_loss": 1.4})
+    assert ledger.get("a")["finished"] > first and ledger.get("a")["status"] == "done"
 
 
 # -- which rows belong to the current spec -----------------------------------------------------------------

@@ -141,9 +141,13 @@ class Ledger:
         self.update(id, status="running", started=time.time(), finished=None, error=None)
 
     def record_summary(self, id: str, summary: dict[str, Any]) -> None:
-        """Copy a run's summary.json into its row (status done or diverged)."""
+        """Copy a run's summary.json into its row (status done or diverged). A row already recorded as finished
+        keeps its finish time (registering a finished run again, e.g. under a later spec, is not a finish)."""
         status = summary.get("status", "done")
-        self.update(id, status=status if status in ("done", "diverged") else "done", finished=time.time(),
+        status = status if status in ("done", "diverged") else "done"
+        row = self.get(id)
+        kept = row and row.get("status") == status and row.get("finished")
+        self.update(id, status=status, finished=row["finished"] if kept else time.time(),
                     error=None, **{k: _num(summary.get(k)) for k in METRIC_COLUMNS})
 
     def record_failure(self, id: str, error: str) -> None:

@@ -234,9 +234,17 @@ def _matches(point: dict[str, Any], rule: dict[str, Any]) -> bool:
     return True
 
 
+# Config fields added after run ids were first issued, with their defaults: a field at its default is left out of
+# the id, so a run made before the field existed keeps its id (and folder) and a replay still finds it.
+LATER_FIELDS = {"save_weights": True}
+
+
 def run_id(command: str, cfg: Any) -> str:
     d = to_dict(cfg)
     d.pop("out", None)
+    for k, default in LATER_FIELDS.items():
+        if d.get(k, default) == default:
+            d.pop(k, None)
     blob = json.dumps({"command": command, "config": d}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
