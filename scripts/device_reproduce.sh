@@ -9,7 +9,13 @@
 # machine keeps /root while it stays warm between calls, so the first part travels in one call and the second
 # (.devcache/p2/gguf.part2, with gguf.sha256) in the next. Wheels the machine lacks travel in .whl/ (gguf).
 # The sweep folder is /root/work/PRESET on every machine (the same absolute paths in its spec and configs, so a
-# copy brought back continues here or there); a fresh machine starts from the copy carried in runs/PRESET.
+# copy brought back continues here or there); a fresh machine starts from runs/PRESET when a call carries it,
+# else from the committed docs/results/PRESET (which travels with the tree). Here, before the calls:
+#   split -b 48000000 -d -a 1 <the GGUF> .devcache/gguf.part  (-> part0 into .devcache/p1/gguf.part1, part1 into
+#   .devcache/p2/gguf.part2; sha256sum of the whole file into .devcache/p2/gguf.sha256): each call's tree, parts
+#   and wheels stay under 64 MiB.
+# Back here: untar $OUT/PRESET.tgz into /root/work/ and run `regretless reproduce --preset PRESET --out
+# /root/work/PRESET --report-only` (REGRETLESS_CACHE as on the device: ~/.cache/regretless) for the report.
 # SFT and RL searches run as two `reproduce --only` processes side by side (their sweep folders differ); when
 # both finish, one more `reproduce` (no new runs) writes the whole report. What comes back: $OUT/PRESET.tgz (run
 # folders without weights), logs, nvidia-smi utilisation.
@@ -38,7 +44,10 @@ if [ ! -f "$GGUF" ]; then
     || { echo "GGUF checksum mismatch"; rm -f "$GGUF"; exit 1; }
 fi
 python3 -m regretless assets prepare smollm2-135m 2>&1 | tail -1
-if [ ! -d "$DIR" ] && [ -d "runs/$PRESET" ]; then mkdir -p /root/work && cp -a "runs/$PRESET" "$DIR"; fi
+if [ ! -d "$DIR" ]; then
+  SRC=runs/$PRESET; [ -d "$SRC" ] || SRC=docs/results/$PRESET
+  if [ -d "$SRC" ]; then mkdir -p /root/work && cp -a "$SRC" "$DIR"; fi
+fi
 nvidia-smi dmon -s um -d 5 > "$OUT/dmon.log" 2>&1 &
 DMON=$!
 T0=$(date +%s)

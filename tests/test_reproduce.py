@@ -32,9 +32,12 @@ def test_quick_runs_all_five_and_standard_the_three_that_fit():
 
 
 def test_conditions_share_arms_and_batch_sees_equal_examples(tiny_llama_dir):
-    conds = R.build_conditions(R.QUICK, FINDINGS, tiny_llama_dir, n_train=480, freeze=True)
+    conds = R.build_conditions(R.QUICK, FINDINGS, tiny_llama_dir, n_train=240, freeze=True)
     by = {c.name: c for c in conds}
-    assert len(by) == len(conds)  # each arm once
+    assert len(by) == len(conds) == 10  # each arm once; the batch finding reuses the base arms
+    # quick draws learning curves only where the capacity finding reads them
+    assert {c.name for c in conds if c.axes.get("eval_points") == 0} == {
+        c.name for c in conds if c.command == "sft" and "capacity" not in c.roles} != set()
     assert {"full", "r1", "r8", "r64", "rl-full", "rl-r1"} <= set(by)
     assert set(by["r8"].roles) == {"capacity", "lr_ratio", "placement"}  # all matrices at the placement rank
     assert set(by["full"].roles) == {"capacity", "lr_ratio", "batch"}

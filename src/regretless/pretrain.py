@@ -1,15 +1,16 @@
-"""The built-in model `tiny-base`: a small Llama pretrained by regretless itself, offline, in about a minute.
+"""The built-in model `tiny-base`: a small Llama pretrained by regretless itself, offline, in 2-3 minutes.
 
 Why: `regretless reproduce --preset quick` must run dozens of real fine-tuning runs on 2 CPU cores in 15
 minutes, and SmolLM2-135M takes 1-2 s per optimizer step there. A 1.1M-parameter Llama (hidden 128, 4 layers,
-vocab 2048) trained here for 400 steps is a real, if tiny, pretrained base: it has learned the ChatML format,
+vocab 2048) trained here for 800 steps is a real, if tiny, pretrained base: it has learned the ChatML format,
 chit-chat, the "#### <answer>" convention and some one-digit arithmetic, and has seen a little GSM-style text.
 
 `build(out)` does, deterministically for a seed:
 1. corpus (`corpus`): every chatterbot-corpus dialog; `CHAIN_SUM_PROBLEMS` reasoning-gym `chain_sum` problems
    with 2 (20%) or 3 (80%) one-digit terms in the exact chat format of the RL environment (`regretless.rl.envs`: its
    system instruction, the question, "#### <answer>" as the assistant turn), so `rg:chain_sum` scores above
-   zero from the start (3-term sums: about 20% greedy accuracy, the quick preset's RL task); and
+   zero from the start (3-term sums: 15-35% greedy accuracy on distinct held-out problems, the quick preset's RL
+   task); and
    `GSM_PROBLEMS` GSM-style problems with worked solutions. All from seeds
    >= `CORPUS_SEED`, disjoint from the fine-tuning and RL seeds (0, 1, ...). The GSM part is small on purpose:
    without it the base has never produced the domain's tokens and FullFT wins mostly by training their
@@ -18,8 +19,8 @@ chit-chat, the "#### <answer>" convention and some one-digit arithmetic, and has
    (arithmetic), ChatML template, eos `<|im_end|>`, pad `<|endoftext|>`.
 3. model: a randomly initialised `LlamaForCausalLM` of `SHAPE`, then FullFT with the normal SFT trainer
    (`regretless.train.run_sft`) on the corpus: packed rows, AdamW with warm-up and cosine decay (pretraining,
-   not the paper's fine-tuning protocol), `STEPS` optimizer steps of `BATCH` x `SEQ_LEN` tokens, one torch
-   thread. The loss covers assistant turns only (what the trainer's chat data trains on).
+   not the paper's fine-tuning protocol), `STEPS` optimizer steps of `BATCH` x `SEQ_LEN` tokens, `THREADS`
+   torch threads. The loss covers assistant turns only (what the trainer's chat data trains on).
 4. the final HF folder (safetensors + tokenizer) is renamed into place with a `.complete` marker holding the
    build's record (steps, first and last eval loss, corpus size, wall time; also in `pretrain.json`). A file
    lock keeps two processes from building it at once.
@@ -44,13 +45,15 @@ from regretless.errors import UserError
 VOCAB = 2048
 SHAPE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 4, "max_position_embeddings": 1024, "tie_word_embeddings": True}
-STEPS = 400  # ~2-3 minutes on 2 CPU cores
+STEPS = 800  # ~2.5 minutes on 2 quiet CPU cores (2 threads); greedy accuracy on held-out 3-term sums: 6% after
+# 400 steps, 22% after 700, 35% after 1,000 (measured on 200 distinct held-out problems, 2026-12-03)
 BATCH, SEQ_LEN, LR, WARMUP = 32, 128, 3e-3, 15
-THREADS = 1  # torch threads: 2 OpenMP threads ran this small model ~15x slower on 2 cores shared with others
+THREADS = min(2, os.cpu_count() or 1)  # torch threads: 1.43x faster than one on 2 quiet cores (0.19 vs 0.27 s
+# a step); tiny-base is built before any run of a sweep starts, so the cores are not shared with its runs
 CORPUS_SEED = 10_000
 CHAIN_SUM_PROBLEMS = 9000
 GSM_PROBLEMS = 400
-VERSION = 2  # 2: more and mostly 3-term sums, 400 steps (the quick RL task starts at ~20% greedy accuracy)
+VERSION = 3  # 3: 800 steps on 2 threads (v2's 400 steps left the quick RL task at 6%, below the 15% it needs)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
