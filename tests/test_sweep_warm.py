@@ -171,3 +171,23 @@ def test_sigterm_stops_warm_trainers_then_the_zygote(base, tmp_path):
     rows = Ledger(out / "ledger.sqlite").runs()
     assert {r["status"] for r in rows} == {"queued"} and all("interrupted" in r["error"] for r in rows)
     assert not any((d / ".trainer.json").exists() for d in dirs)  # nothing left to reap
+
+
+def test_a_callers_zygote_serves_several_sweeps_and_stays(base, tmp_path):
+    """`reproduce` keeps one zygote for all its rounds: two sweeps given the caller's zygote fork their runs from
+    it (their folders start no zygote of their own) and leave it serving; the caller closes it."""
+    from regretless.sweep.launch import THREAD_VARS
+
+    zygote = warm.Zygote.start(tmp_path / "zygote.log", {k: "1" for k in THREAD_VARS}, 5.0)
+    try:
+        for name, rank in (("a", 2), ("b", 4)):
+            spec = {"command": "sft", "base": base, "axes": {"method": ["lora"], "lora.rank": [rank]}}
+            res = run_sweep(spec, tmp_path / name, workers=1, threads_per_run=1, quiet=True, gpus=[], zygote=zygote)
+            assert res.counts == {"done": 1}, [r["error"] for r in res.runs]
+            assert forked(tmp_path / name) == ""  # no zygote of its own
+            assert zygote.serving()
+        log = forked(tmp_path)
+        assert all(row["path"] in log for name in "ab" for row in Ledger(tmp_path / name / "ledger.sqlite").runs())
+    finally:
+        zygote.close(5.0)
+    assert not zygote.serving() and zygote.proc.poll() is not None

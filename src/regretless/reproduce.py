@@ -455,6 +455,18 @@ def active_seconds(out: Path, ids: dict[str, set[str]]) -> float:
     return total
 
 
+def start_zygote(out: Path) -> Any:
+    """A warm-launch zygote (`regretless.sweep.warm`) with the sweeps' one thread a run, or None (then each
+    sweep starts its own or launches cold, and says why)."""
+    from regretless.sweep import warm
+    from regretless.sweep.launch import THREAD_VARS
+
+    try:
+        return warm.Zygote.start(out / "zygote.log", {k: "1" for k in THREAD_VARS}, 10.0)
+    except (warm.ZygoteError, OSError):
+        return None
+
+
 def _say(msg: str, quiet: bool) -> None:
     if not quiet:
         print(f"[regretless reproduce] {msg}", file=sys.stderr, flush=True)
@@ -467,7 +479,8 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
     """Run the selected findings' searches into `out`, then write the report. Returns {"report", "context"}."""
     from regretless.prepare import resolve_or_build as resolve_model
     from regretless.report import write_report
-    from regretless.sweep import register_spec, run_sweep
+    from regretless.sweep import register_spec, run_sweep, warm
+    from regretless.sweep.launch import DEFAULT_LAUNCHER
 
     p = get_preset(preset)
     findings = parse_only(only, p.findings)
@@ -525,39 +538,46 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
         return ids[(cmd, *key)]
 
     rounds = 0
-    while True:
-        # Replay: the search is a pure function of the scores, so each condition's search is rebuilt from its
-        # first step whenever `reproduce` starts, and advanced at once through every step whose runs an
-        # earlier (killed or finished) invocation finished; only runs that have not finished are launched.
-        # The plan, and so the spec and the report, hold every run of the search, whichever invocation ran it,
-        # and a row of another spec (same axes, other base config) never enters it: runs match by id.
-        finished = {cmd: ledger_scores(out / cmd, cmd) for cmd in bases}
-        pending: dict[str, list[tuple[str, float, int]]] = {cmd: [] for cmd in bases}
-        for c in conds:
-            cmd = c.command
-            while True:
-                seen: dict[float, dict[int, float]] = {}
-                for key in plan.runs[cmd]:
-                    s = finished[cmd].get(run_id_of(cmd, key)) if key[0] == c.name else None
-                    if s is not None:
-                        seen.setdefault(key[1], {})[key[2]] = s
-                status[c.name], nxt = next_runs(seen, c.start_lr, search)
-                for lr, seed in nxt:
-                    plan.add(c, lr, seed)
-                waiting = [(c.name, lr, seed) for lr, seed in nxt
-                           if finished[cmd].get(run_id_of(cmd, (c.name, lr, seed))) is None]
-                if not nxt or waiting:
-                    pending[cmd] += waiting
-                    break
-        if not any(pending.values()) or rounds == max_rounds:
-            break
-        rounds += 1
-        _say(f"round {rounds}: {sum(map(len, pending.values()))} runs to run "
-             f"({sum(s != DONE for s in status.values())} conditions searching)", quiet)
-        for cmd, base in bases.items():
-            if pending[cmd]:
-                spec = parse_spec(sweep_spec(cmd, base, by_name, plan.runs[cmd]), f"preset {p.name}: {cmd}")
-                run_sweep(spec, out / cmd, workers=workers, threads_per_run=1, quiet=True, **kw)
+    zygote, tried = None, False  # one warm-launch zygote for all rounds: the trainer imported once, not per sweep
+    try:
+        while True:
+            # Replay: the search is a pure function of the scores, so each condition's search is rebuilt from its
+            # first step whenever `reproduce` starts, and advanced at once through every step whose runs an
+            # earlier (killed or finished) invocation finished; only runs that have not finished are launched.
+            # The plan, and so the spec and the report, hold every run of the search, whichever invocation ran it,
+            # and a row of another spec (same axes, other base config) never enters it: runs match by id.
+            finished = {cmd: ledger_scores(out / cmd, cmd) for cmd in bases}
+            pending: dict[str, list[tuple[str, float, int]]] = {cmd: [] for cmd in bases}
+            for c in conds:
+                cmd = c.command
+                while True:
+                    seen: dict[float, dict[int, float]] = {}
+                    for key in plan.runs[cmd]:
+                        s = finished[cmd].get(run_id_of(cmd, key)) if key[0] == c.name else None
+                        if s is not None:
+                            seen.setdefault(key[1], {})[key[2]] = s
+                    status[c.name], nxt = next_runs(seen, c.start_lr, search)
+                    for lr, seed in nxt:
+                        plan.add(c, lr, seed)
+                    waiting = [(c.name, lr, seed) for lr, seed in nxt
+                               if finished[cmd].get(run_id_of(cmd, (c.name, lr, seed))) is None]
+                    if not nxt or waiting:
+                        pending[cmd] += waiting
+                        break
+            if not any(pending.values()) or rounds == max_rounds:
+                break
+            rounds += 1
+            _say(f"round {rounds}: {sum(map(len, pending.values()))} runs to run "
+                 f"({sum(s != DONE for s in status.values())} conditions searching)", quiet)
+            for cmd, base in bases.items():
+                if pending[cmd]:
+                    spec = parse_spec(sweep_spec(cmd, base, by_name, plan.runs[cmd]), f"preset {p.name}: {cmd}")
+                    if not tried and warm.usable(launcher or DEFAULT_LAUNCHER, 1):
+                        zygote, tried = start_zygote(out), True
+                    run_sweep(spec, out / cmd, workers=workers, threads_per_run=1, quiet=True, zygote=zygote, **kw)
+    finally:
+        if zygote is not None:
+            zygote.close(10.0)
     for cmd, base in bases.items():  # the whole plan is the ledgers' current spec, whichever invocation ran
         if plan.runs[cmd]:  # its runs (a replay that launched nothing would leave an older invocation's)
             register_spec(parse_spec(sweep_spec(cmd, base, by_name, plan.runs[cmd]), f"preset {p.name}: {cmd}"),

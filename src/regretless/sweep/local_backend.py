@@ -62,14 +62,19 @@ def _launch(zygote: warm.Zygote | None, argv: list[str], env: dict[str, str],
 
 
 def run_local(todo: list[RunSpec], out: Path, ledger: Ledger, envs: list[dict[str, str]], launcher: Sequence[str],
-              progress: Progress, gpus_per_run: int = 1, grace_s: float = 10.0) -> None:
+              progress: Progress, gpus_per_run: int = 1, grace_s: float = 10.0,
+              zygote: warm.Zygote | None = None) -> None:
+    """`zygote`: a serving zygote of the caller's (one for several sweeps, e.g. `reproduce`'s rounds) that this
+    call uses and leaves running when it ends normally; else one is started for this call and closed after."""
     pending = deque(todo)
+    own = zygote is None
     running: dict[int, _Running] = {}  # slot -> what runs there
     tokens: list[str] = []  # every cold launch of this call, registered before its process exists
     active: dict[str, tuple[RunSpec, str]] = {}  # rows marked running and not yet recorded, with their token
-    zygote: warm.Zygote | None = None
+    if not (todo and warm.usable(launcher, gpus_per_run)) or (zygote is not None and not zygote.serving()):
+        zygote = None  # nothing to launch, launches that cannot be warm, or a caller's zygote that died
     try:
-        if todo and warm.usable(launcher, gpus_per_run):
+        if own and zygote is None and todo and warm.usable(launcher, gpus_per_run):
             zygote = _start_zygote(out, envs[0], progress, grace_s)  # every slot has the same threads
         while pending or running:
             for slot in range(len(envs)):
@@ -128,5 +133,5 @@ def run_local(todo: list[RunSpec], out: Path, ledger: Ledger, envs: list[dict[st
                 (run_dir(out, run) / procs.PIDFILE).unlink(missing_ok=True)
             ledger.update(run.id, status="queued", error="interrupted: the sweep was stopped; rerun to resume")
         raise
-    if zygote:
+    if zygote and own:
         zygote.close(grace_s)

@@ -175,7 +175,8 @@ def run_sweep(spec: SweepSpec | dict[str, Any] | str | Path, out: str | Path, *,
               gpus: Sequence[str] | None = None, gpus_per_run: int = 1, launcher: Sequence[str] = DEFAULT_LAUNCHER,
               lr_center: LrCenter | None = None, quiet: bool = False, extend: bool = False,
               stop_grace_s: float = 10.0,
-              on_plan: Callable[[list[RunSpec], list[RunSpec]], None] | None = None) -> SweepResult:
+              on_plan: Callable[[list[RunSpec], list[RunSpec]], None] | None = None,
+              zygote: Any = None) -> SweepResult:
     """Expand `spec` and run every unfinished run into `out`; returns the ledger rows and status counts.
 
     `launcher` is the argv template of one run ({command}, {config}, {out}, {id} are filled in); with
@@ -184,6 +185,8 @@ def run_sweep(spec: SweepSpec | dict[str, Any] | str | Path, out: str | Path, *,
     (`ledger.current_rows`); `extend=True` keeps the previous current runs current too (a search that adds
     points to a sweep folder). `stop_grace_s`: how long a trainer gets between SIGTERM and SIGKILL when the
     sweep stops. `on_plan(all_runs, todo)` is called once before anything runs (the CLI prints the plan).
+    `zygote`: a caller's serving `warm.Zygote` for the local backend's warm launches (left running; `reproduce`
+    keeps one for all its rounds instead of importing the trainer again for every sweep).
     """
     spec = as_spec(spec)
     out = Path(out)
@@ -219,7 +222,7 @@ def run_sweep(spec: SweepSpec | dict[str, Any] | str | Path, out: str | Path, *,
             if backend == "ray":
                 run_ray(todo, out, ledger, workers, threads_per_run, launcher, progress, gpus_per_run, stop_grace_s)
             else:
-                run_local(todo, out, ledger, envs, launcher, progress, gpus_per_run, stop_grace_s)
+                run_local(todo, out, ledger, envs, launcher, progress, gpus_per_run, stop_grace_s, zygote)
         finally:
             progress.close()
     ids = {r.id for r in runs}
