@@ -54,6 +54,7 @@ from regretless.reproduce.plan import (
     active_seconds,
     ledger_scores,
     planned_ids,
+    replay,
     run_key,
     score,
     start_zygote,
@@ -70,7 +71,7 @@ from regretless.reproduce.presets import (
     get_preset,
     parse_only,
 )
-from regretless.sweep.search import DONE, SearchConfig, next_runs
+from regretless.sweep.search import DONE, SearchConfig
 from regretless.sweep.spec import FINDINGS, parse_spec
 
 
@@ -156,21 +157,9 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
             finished = {cmd: ledger_scores(out / cmd, cmd) for cmd in bases}
             pending: dict[str, list[tuple[str, float, int]]] = {cmd: [] for cmd in bases}
             for c in conds:
-                cmd = c.command
-                while True:
-                    seen: dict[float, dict[int, float]] = {}
-                    for key in plan.runs[cmd]:
-                        s = finished[cmd].get(run_id_of(cmd, key)) if key[0] == c.name else None
-                        if s is not None:
-                            seen.setdefault(key[1], {})[key[2]] = s
-                    status[c.name], nxt = next_runs(seen, c.start_lr, search)
-                    for lr, seed in nxt:
-                        plan.add(c, lr, seed)
-                    waiting = [(c.name, lr, seed) for lr, seed in nxt
-                               if finished[cmd].get(run_id_of(cmd, (c.name, lr, seed))) is None]
-                    if not nxt or waiting:
-                        pending[cmd] += waiting
-                        break
+                status[c.name], waiting = replay(c, plan, search, finished[c.command],
+                                                 lambda key, cmd=c.command: run_id_of(cmd, key))
+                pending[c.command] += waiting
             if not any(pending.values()) or rounds == max_rounds:
                 break
             rounds += 1
@@ -260,6 +249,7 @@ __all__ = [
     "parse_only",
     "planned_ids",
     "rank_limit",
+    "replay",
     "reproduce",
     "run_key",
     "score",

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from regretless.reproduce.conditions import Condition
+from regretless.sweep.search import SearchConfig, next_runs
 from regretless.sweep.spec import FINDINGS, parse_spec
 
 
@@ -71,6 +73,29 @@ def score(command: str, summary: dict[str, Any] | None, status: str) -> float | 
     if v is None or not math.isfinite(float(v)):
         return math.inf
     return float(v) if command == "sft" else -float(v)
+
+
+def replay(cond: Condition, plan: Plan, search: SearchConfig, finished: dict[str, float | None],
+           run_id: Callable[[tuple[str, float, int]], str]) -> tuple[str, list[tuple[str, float, int]]]:
+    """Advance `cond`'s search through every step whose runs have finished (`finished`: run id -> score, None
+    while unfinished), adding each run it asks for to `plan`; stop at the first step with unfinished runs.
+    Returns (search status, the unfinished runs the search waits for)."""
+    seen: dict[float, dict[int, float]] = {}
+    for key in plan.runs[cond.command]:
+        if key[0] == cond.name and (s := finished.get(run_id(key))) is not None:
+            seen.setdefault(key[1], {})[key[2]] = s
+    while True:
+        status, nxt = next_runs(seen, cond.start_lr, search)
+        waiting = []
+        for lr, seed in nxt:
+            plan.add(cond, lr, seed)
+            s = finished.get(run_id((cond.name, lr, seed)))
+            if s is None:
+                waiting.append((cond.name, lr, seed))
+            else:
+                seen.setdefault(lr, {})[seed] = s
+        if not nxt or waiting:
+            return status, waiting
 
 
 def ledger_scores(sweep_dir: Path, command: str) -> dict[str, float | None]:

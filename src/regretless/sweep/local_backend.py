@@ -71,10 +71,11 @@ def run_local(todo: list[RunSpec], out: Path, ledger: Ledger, envs: list[dict[st
     running: dict[int, _Running] = {}  # slot -> what runs there
     tokens: list[str] = []  # every cold launch of this call, registered before its process exists
     active: dict[str, tuple[RunSpec, str]] = {}  # rows marked running and not yet recorded, with their token
-    if not (todo and warm.usable(launcher, gpus_per_run)) or (zygote is not None and not zygote.serving()):
+    can_warm = bool(todo) and warm.usable(launcher, gpus_per_run)
+    if not can_warm or (zygote is not None and not zygote.serving()):
         zygote = None  # nothing to launch, launches that cannot be warm, or a caller's zygote that died
     try:
-        if own and zygote is None and todo and warm.usable(launcher, gpus_per_run):
+        if own and can_warm:
             zygote = _start_zygote(out, envs[0], progress, grace_s)  # every slot has the same threads
         while pending or running:
             for slot in range(len(envs)):

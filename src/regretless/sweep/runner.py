@@ -40,7 +40,7 @@ import yaml
 
 from regretless.config import atomic_write_text, save_config, to_dict
 from regretless.errors import UserError
-from regretless.sweep import launch, procs
+from regretless.sweep import launch, procs, warm
 from regretless.sweep.launch import DEFAULT_LAUNCHER, Progress, read_summary, run_dir
 from regretless.sweep.ledger import Ledger
 from regretless.sweep.local_backend import run_local
@@ -176,7 +176,7 @@ def run_sweep(spec: SweepSpec | dict[str, Any] | str | Path, out: str | Path, *,
               lr_center: LrCenter | None = None, quiet: bool = False, extend: bool = False,
               stop_grace_s: float = 10.0,
               on_plan: Callable[[list[RunSpec], list[RunSpec]], None] | None = None,
-              zygote: Any = None) -> SweepResult:
+              zygote: warm.Zygote | None = None) -> SweepResult:
     """Expand `spec` and run every unfinished run into `out`; returns the ledger rows and status counts.
 
     `launcher` is the argv template of one run ({command}, {config}, {out}, {id} are filled in); with
