@@ -182,7 +182,9 @@ def run_case(c: Case, args, device: str) -> dict:
     opt = torch.optim.AdamW(groups, lr=1e-5, fused=True)
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (c.batch, c.seq), device=device, generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = {"input_ids": ids, "labels": ids}
+    if args.mask == "ones":  # what a padded batch without padding looks like to the model
+        batch["attention_mask"] = torch.ones_like(ids)
     model.train()
     amp = c.method not in ("hf-full-bf16",)  # the plain reference runs its bf16 weights without autocast
     hf_loss = c.method in ("hf-full-bf16", "peft")
@@ -227,19 +229,40 @@ def run_case(c: Case, args, device: str) -> dict:
            "mfu": round(flops_tok * tokens / sec / PEAK_FLOPS, 4), "gflop_per_token": round(flops_tok / 1e9, 3),
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "trainable": n_train, "loss": round(loss.item(), 4), "warmup_s": round(warm_s, 1)}
-    if args.profile and cuda and not c.compile:
-        res["top_kernels"] = profile_step(step)
+    if args.profile and cuda:
+        res["profile"] = profile_step(step)
     return res
 
 
-def profile_step(step) -> list[str]:
+KERNEL_KINDS = (  # profiler kernel name fragments -> kind, first match wins
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "splitkreduce")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("triton (fused by inductor)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other (eager element-wise, "
+                "reductions, copies)")
+
+
+def profile_step(step) -> dict:
+    """CUDA time of one step by kernel kind, and the top kernels: where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:8]
-    return [f"{e.key[:70]}: {getattr(e, 'device_time_total', 0) / 1e3:.1f} ms x{e.count}" for e in rows]
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    kinds: dict[str, float] = {}
+    for e in events:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.device_time_total / 1e3
+    top = sorted(events, key=lambda e: -e.device_time_total)[:25]
+    return {"kinds_ms": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "kernel_ms": round(sum(kinds.values()), 1),
+            "top": [f"{e.device_time_total / 1e3:7.1f} ms x{e.count:<4} {e.key[:110]}" for e in top]}
 
 
 def sync(device: str) -> None:
@@ -349,7 +372,9 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of case names to skip, e.g. rl-full,peft+compile")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU check of the whole script in < 1 min)")
     ap.add_argument("--compile-backend", default=None, help="default inductor; --tiny on CPU uses aot_eager")
-    ap.add_argument("--profile", action="store_true", help="top CUDA kernels of one eager step per case")
+    ap.add_argument("--profile", action="store_true", help="CUDA time of one step by kernel kind, and its top kernels, per case")
+    ap.add_argument("--mask", choices=("ones", "none"), default="ones",
+                    help="ones: every method gets attention_mask = ones (B, T); none: no attention_mask")
     ap.add_argument("--rank", type=int, default=None, help="LoRA rank (default 64; 16 with --tiny)")
     args = ap.parse_args()
     if args.rank is None:
