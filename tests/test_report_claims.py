@@ -56,6 +56,23 @@ def test_an_unfinished_search_gives_no_verdict(tmp_path):
     assert left["ratio"] == pytest.approx(done["ratio"])  # the numbers so far are still reported
 
 
+def test_sft_claims_pool_seed_noise_over_sft_runs_only(tmp_path):
+    """RL runs' seed spread (accuracies) is no measure of SFT's (losses): adding noisy RL arms changes none of
+    the SFT claims' numbers; the seed-SD pooling refuses a mix of the two."""
+    for root in (tmp_path / "sft", tmp_path / "both"):
+        sft_arm(root, "full", full(), 1e-3, sd=0.01)
+        sft_arm(root, "r16", lora(16), 1e-3 * 12.0, sd=0.01)
+        sft_arm(root, "mlp", lora(8, "mlp"), 1e-2, sd=0.01, params=49_152)
+        sft_arm(root, "attn", lora(12, "attn"), 1e-2, sd=0.01, params=49_152, lag=0.1)
+    rl_arm(tmp_path / "both", "rl-full", None, 1e-4, 0.5, sd=0.2)
+    rl_arm(tmp_path / "both", "rl-r1", 1, 1e-3, 0.5, sd=0.2)
+    for finding in ("lr_ratio", "placement"):
+        alone, mixed = claim(tmp_path / "sft", finding), claim(tmp_path / "both", finding)
+        assert mixed["interval"] == pytest.approx(alone["interval"]), finding
+    with pytest.raises(ValueError, match="rl and sft"):
+        A.pooled_seed_sd(A.arms(A.load_runs(tmp_path / "both")).values())
+
+
 # ---- capacity ----------------------------------------------------------------------------------------------
 def test_capacity_three_verdicts(tmp_path):
     def build(root, hi_lag, lo_fall, sd=0.002):

@@ -275,9 +275,14 @@ def pointwise_min(arm: Arm, metric: str = "eval_loss") -> dict[str, np.ndarray]:
 def pooled_seed_sd(all_arms: Iterable[Arm], metric: str | None = None, step_index: int | None = None
                    ) -> tuple[float, int]:
     """Seed-to-seed SD pooled over every (arm, LR) with 2+ finished seeds: of the final score, or of `metric`
-    at the `step_index`-th eval point."""
+    at the `step_index`-th eval point. The arms must share one command: an SFT loss's spread and an RL
+    accuracy's are in different units."""
     from regretless.stats import pooled_sd
 
+    all_arms = list(all_arms)
+    if len({a.command for a in all_arms}) > 1:
+        raise ValueError(f"pooled_seed_sd over {' and '.join(sorted({a.command for a in all_arms}))} arms: "
+                         "pool one command's runs")
     groups = []
     for a in all_arms:
         for lr in a.scores():

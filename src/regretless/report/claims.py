@@ -63,6 +63,11 @@ def _fmt_iv(iv: S.Interval, pct: bool = False) -> str:
     return f"{f(iv.value)} [{f(iv.low)}, {f(iv.high)}]"
 
 
+def sft_arms(all_arms: dict[str, A.Arm]) -> list[A.Arm]:
+    """The SFT arms: whose seeds measure the SFT claims' noise (RL's accuracies are other units)."""
+    return [a for a in all_arms.values() if a.command == "sft"]
+
+
 def optimum(arm: A.Arm, noise: tuple[float, int]) -> S.LrOptimum | None:
     obs = arm.scores()
     return S.lr_optimum(obs, maximize=arm.maximize, noise_sd=noise[0], noise_df=noise[1]) if obs else None
@@ -113,7 +118,7 @@ def lr_ratio(all_arms: dict[str, A.Arm], records: list[A.RunRecord]) -> dict[str
     arms = A.base_arms(all_arms)
     if "full" not in arms or len(arms) < 2:
         return _none("lr_ratio", "needs LR searches of FullFT and at least one LoRA rank", list(arms.values()))
-    noise = A.pooled_seed_sd(all_arms.values())
+    noise = A.pooled_seed_sd(sft_arms(all_arms))
     opts = {k: optimum(a, noise) for k, a in arms.items()}
     lora = {k: o for k, o in opts.items() if k != "full" and o is not None}
     use = {k: o for k, o in lora.items() if A.rank_of(k) >= LR_RATIO_MIN_RANK} or lora
@@ -232,7 +237,7 @@ def batch(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     bests = [best(a) for a in used]
     if any(b is None for b in bests):
         return _none("batch", "an arm of the batch comparison has no finished runs", used)
-    sd, df = A.pooled_seed_sd(all_arms.values())
+    sd, df = A.pooled_seed_sd(sft_arms(all_arms))
     opts = {a.name: optimum(a, (sd, df)) for a in used}
     drop = base_loss(used[0]) - bests[0][1]
     (_, fs, nfs), (_, ls, nls), (_, fl, nfl), (_, ll, nll) = bests
@@ -266,7 +271,7 @@ def placement(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     used = [x for x in (m, a, alls) if x is not None]
     if any(best(x) is None for x in (m, a)):
         return _none("placement", "attention-only or MLP-only has no finished runs", used)
-    sd, df = A.pooled_seed_sd(all_arms.values())
+    sd, df = A.pooled_seed_sd(sft_arms(all_arms))
     (_, lm, nm), (_, la, na) = best(m), best(a)
     drop = base_loss(m) - lm
     iv = S.diff_interval([(1, la, na), (-1, lm, nm)], sd, df)
