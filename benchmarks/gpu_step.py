@@ -19,7 +19,9 @@ Methods
                  the experts' gate/up pair turned off (A/B of those changes); `-plaince` = the same with the
                  plain chunked cross-entropy, every chunk's fp32 logits kept for backward (A/B of the fused loss)
   peft           transformers + PEFT LoRA (target_modules, and target_parameters for fused experts), HF loss
-  +compile       `torch.compile` of the transformer trunk in place (as `compile=true` in the trainer)
+  +compile       regretless: `torch.compile` of each decoder block and of the fused head's softmax, as the
+                 trainer's `compile=true` does (`train.compile_blocks`); PEFT: of the transformer trunk, as a
+                 PEFT user would (traced, transformers hands SDPA a materialized causal mask)
   +ckpt          activation checkpointing of every decoder layer (non-reentrant), as `gradient_checkpointing=true`
 
 MFU = model FLOPs per step / step time / 989e12 (H200 dense bf16 peak), with model FLOPs per token
@@ -52,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from regretless import lm
 from regretless.counts import flops_per_token
 from regretless.lora import LoRAConfig, apply_lora, param_groups
+from regretless.train import compile_blocks, to_device
 
 PEAK_FLOPS = 989e12  # H200 SXM dense bf16
 
@@ -96,11 +99,11 @@ def cases(tiny: bool) -> list[Case]:
         Case("dense", d, "hf-full-bf16", B, T, est_s=25), Case("dense", d, "rl-lora", B, T, est_s=25),
         Case("dense", d, "peft", B, T, est_s=25), Case("dense", d, "rl-full", B, T, est_s=30),
         Case("dense", d, "rl-lora-plaince", B, T, est_s=25), Case("dense", d, "rl-lora-nogroup", B, T, est_s=25),
+        Case("dense", d, "rl-lora", B, T, compile=True, est_s=60), Case("dense", d, "peft", B, T, compile=True, est_s=120),
         Case("moe", m, "rl-lora", B, T, est_s=40), Case("moe", m, "peft", B, T, est_s=45),
         Case("moe", m, "hf-full-bf16", B, T, est_s=45), Case("moe", m, "rl-full", B, T, est_s=60),
         Case("long", d, "rl-lora", 1, TL, est_s=25), Case("long", d, "rl-lora", 1, TL, ckpt=True, est_s=25),
         Case("moe", m, "rl-lora-nogroup", B, T, est_s=40),
-        Case("dense", d, "peft", B, T, compile=True, est_s=120), Case("dense", d, "rl-lora", B, T, compile=True, est_s=120),
         Case("moe", m, "rl-lora", B, T, compile=True, est_s=150), Case("moe", m, "peft", B, T, compile=True, est_s=150),
     ]
 
@@ -176,18 +179,21 @@ def run_case(c: Case, args, device: str) -> dict:
         from regretless.train import enable_checkpointing
 
         enable_checkpointing(model.get_base_model() if c.method == "peft" else model)
-    if c.compile:  # in place, so parameter names and the adapters stay as they are
-        trunk = model.get_base_model().model if c.method == "peft" else model.base_model
-        trunk.compile(backend=args.compile_backend, dynamic=False)
+    if c.compile and c.method == "peft":  # the trunk, in place, as a PEFT user compiles it
+        model.get_base_model().model.compile(backend=args.compile_backend, dynamic=False)
+    elif c.compile:  # as the trainer does with compile=true: each decoder block
+        compile_blocks(model, backend=args.compile_backend, dynamic=False)
     opt = torch.optim.AdamW(groups, lr=1e-5, fused=True)
+    model.train()
+    amp = c.method not in ("hf-full-bf16",)  # the plain reference runs its bf16 weights without autocast
+    hf_loss = c.method in ("hf-full-bf16", "peft")
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (c.batch, c.seq), device=device, generator=g)
     batch = {"input_ids": ids, "labels": ids}
     if args.mask == "ones":  # what a padded batch without padding looks like to the model
         batch["attention_mask"] = torch.ones_like(ids)
-    model.train()
-    amp = c.method not in ("hf-full-bf16",)  # the plain reference runs its bf16 weights without autocast
-    hf_loss = c.method in ("hf-full-bf16", "peft")
+    if not hf_loss:  # regretless methods get the batch as the trainer hands it over (no mask when right-padded)
+        batch = to_device({k: v.cpu() for k, v in batch.items()}, torch.device(device), None, model)
 
     def step() -> torch.Tensor:
         ctx = torch.autocast(device, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -195,7 +201,7 @@ def run_case(c: Case, args, device: str) -> dict:
             if hf_loss:
                 loss = model(**batch, use_cache=False).loss  # transformers' own loss path: full logits
             else:
-                s, n = lm.nll_sum(model, batch, fused=c.method != "rl-lora-plaince")
+                s, n = lm.nll_sum(model, batch, fused=c.method != "rl-lora-plaince", compiled=c.compile)
                 loss = s / n
         loss.backward()
         opt.step()
@@ -385,6 +391,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compile_backend is None:
         args.compile_backend = "aot_eager" if (args.tiny and device == "cpu") else "inductor"
+    lm.COMPILE_BACKEND = args.compile_backend  # the fused head's compiled softmax
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import peft

@@ -235,8 +235,9 @@ def test_expert_gate_up_fused_matches_separate_grouped_bf16():
 
 
 def _fused_nll_vs_plain(device: str, N: int, H: int, V: int) -> dict:
-    """(loss, dh, dW, bytes held from forward to backward) of lm.head_nll_sum and of the plain chunked path
-    (logits kept), both under bf16 autocast on bf16 h and a trainable fp32 W (FullFT's tied head)."""
+    """(loss, dh, dW, bytes held from forward to backward) of lm.head_nll_sum (eager and compiled softmax) and of
+    the plain chunked path (logits kept), all under bf16 autocast on bf16 h and a trainable fp32 W (FullFT's tied
+    head)."""
     import torch.nn.functional as F
 
     from regretless import lm
@@ -254,7 +255,8 @@ def _fused_nll_vs_plain(device: str, N: int, H: int, V: int) -> dict:
         return torch.cat(out).sum()
 
     res = {}
-    for name, fn in (("fused", lambda h: lm.head_nll_sum(h, W, None, y)), ("plain", plain)):
+    for name, fn in (("fused", lambda h: lm.head_nll_sum(h, W, None, y)), ("plain", plain),
+                     ("compiled", lambda h: lm.head_nll_sum(h, W, None, y, compiled=True))):
         W.grad = None
         h = h0.clone().requires_grad_()
         cuda = device == "cuda"
@@ -281,3 +283,6 @@ def test_fused_nll_matches_plain_chunks_and_keeps_no_logits_cuda_bf16():
     assert rel(dhf, dhp) < 1e-2 and rel(dWf, dWp) < 1e-2
     assert held_p >= N * V * 4
     assert held_f <= (N * H + V * H) * 4 + 4 * 2**20, held_f  # dh and dW in fp32; slack: the allocator rounds
+    lc, dhc, dWc, held_c = res["compiled"]  # the compiled softmax (compile=true): same loss and gradients
+    assert abs(lc - lp) <= 1e-4 * abs(lp) and rel(dhc, dhp) < 1e-2 and rel(dWc, dWp) < 1e-2
+    assert held_c <= (N * H + V * H) * 4 + 4 * 2**20, held_c

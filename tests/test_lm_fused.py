@@ -43,13 +43,20 @@ def _grads(loss, tensors):
     return torch.autograd.grad(loss, [t for t in tensors if t is not None and t.requires_grad])
 
 
+@pytest.fixture
+def cpu_compile(monkeypatch):
+    """`compiled=True` on CPU through the aot_eager backend: the traced graph of softmax_nll_grad, no C++ build."""
+    monkeypatch.setattr(lm, "COMPILE_BACKEND", "aot_eager")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("cap", [None, 3.0])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk", [3, 4, 64])  # 11 positions: boundaries at 3, 6, 9 / 4, 8 / none
-def test_loss_and_gradients_match_float64_full_logits(cap, bias, chunk):
+def test_loss_and_gradients_match_float64_full_logits(cap, bias, chunk, compiled, cpu_compile):
     h, W, b, y = _leaves(bias=bias, scale=8.0 if cap else 1.0)  # logits of ~±8: tanh far from linear
     upstream = 0.37  # backward must multiply by the incoming gradient
-    fused = lm.head_nll_sum(h, W, b, y, cap, chunk)
+    fused = lm.head_nll_sum(h, W, b, y, cap, chunk, compiled=compiled)
     got = _grads(fused * upstream, (h, W, b))
     h64, W64 = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
     b64 = b.detach().double().requires_grad_() if b is not None else None
@@ -62,14 +69,16 @@ def test_loss_and_gradients_match_float64_full_logits(cap, bias, chunk):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
 
 
-def test_logits_far_beyond_exp_range_stay_finite_and_exact():
-    h, W, b, y = _leaves(scale=400.0)  # logits of several hundred: exp overflows fp32 without the max shift
-    loss = lm.head_nll_sum(h, W, b, y, None, 4)
-    gh, gW, gb = _grads(loss, (h, W, b))
-    h64, W64, b64 = (t.detach().double().requires_grad_() for t in (h, W, b))
-    ref = _ref_nll(h64, W64, b64, y, None)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_logits_far_beyond_exp_range_stay_finite_and_exact(compiled, cpu_compile):
+    h, W, b, y = _leaves(scale=400.0, bias=not compiled)  # logits of several hundred: exp overflows fp32 without
+    loss = lm.head_nll_sum(h, W, b, y, None, 4, compiled=compiled)  # the max shift
+    leaves = (h, W) if compiled else (h, W, b)
+    got = _grads(loss, leaves)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = _ref_nll(*l64[:2], l64[2] if len(l64) > 2 else None, y, None)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    for a, r in zip((gh, gW, gb), _grads(ref, (h64, W64, b64))):
+    for a, r in zip(got, _grads(ref, l64)):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
 

@@ -117,7 +117,7 @@ class _FusedHeadNLL(torch.autograd.Function):
     dL/dW = Σ_n thatᵀ·h_n, dL/db = Σ_n that. Only these are saved; backward multiplies them by dLoss/dL."""
 
     @staticmethod
-    def forward(ctx, h_N_H, W_V_H, b_V, y_N, cap: float | None, chunk: int, dtype: torch.dtype):
+    def forward(ctx, h_N_H, W_V_H, b_V, y_N, cap: float | None, chunk: int, dtype: torch.dtype, softmax_fn=None):
         need_h, need_W, need_b = ctx.needs_input_grad[:3]
         N, V = h_N_H.shape[0], W_V_H.shape[0]
         with torch.autocast(h_N_H.device.type, enabled=False):  # casts made here, as autocast would make them
@@ -129,6 +129,14 @@ class _FusedHeadNLL(torch.autograd.Function):
             db = torch.zeros(V, dtype=torch.float32, device=W_V_H.device) if need_b else None
             for s in range(0, N, chunk):
                 h_C_H, y_C = h_N_H[s:s + chunk].to(dtype), y_N[s:s + chunk]
+                if softmax_fn is not None and not need_b:  # two fused passes over the logits (compiled)
+                    nll, g_C_V = softmax_fn(F.linear(h_C_H, W, b), y_C, cap)
+                    total += nll
+                    if need_h:
+                        dh[s:s + chunk] = g_C_V @ W
+                    if need_W:
+                        dW += g_C_V.T @ h_C_H
+                    continue
                 z_C_V = F.linear(h_C_H, W, b).float()  # (C, V)
                 if cap:
                     t_C_V = z_C_V.div_(cap).tanh_()
@@ -161,7 +169,7 @@ class _FusedHeadNLL(torch.autograd.Function):
         dh, dW, db = ctx.saved_tensors
         g = g.float()
         out = [None if d is None else (d * g).to(dt) for d, dt in zip((dh, dW, db), ctx.dtypes)]
-        return *out, None, None, None, None
+        return *out, None, None, None, None, None
 
 
 def compute_dtype(W: torch.Tensor) -> torch.dtype:
@@ -172,11 +180,44 @@ def compute_dtype(W: torch.Tensor) -> torch.dtype:
     return W.dtype
 
 
+def softmax_nll_grad(z_C_V: torch.Tensor, y_C: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_c −log softmax(u_c)[y_c], dΣ/dz) for logits z (C, V), u = z or cap·tanh(z/cap), in fp32; the gradient
+    (softmax − onehot) ⊙ du/dz comes back in z's dtype. Out-of-place plain ops, written for torch.compile, which
+    fuses them into a reduction pass and an element-wise pass over z (the eager in-place path of _FusedHeadNLL
+    makes ~10 passes over an fp32 copy)."""
+    u = z_C_V.float()
+    if cap:
+        t = torch.tanh(u / cap)
+        u = t * cap
+    m = u.amax(-1, keepdim=True)
+    e = torch.exp(u - m)
+    sum_e = e.sum(-1, keepdim=True)
+    nll = (m[:, 0] + sum_e[:, 0].log() - u.gather(-1, y_C[:, None])[:, 0]).sum()
+    onehot = torch.arange(u.shape[-1], device=u.device)[None, :] == y_C[:, None]
+    g = e / sum_e - onehot.to(u.dtype)
+    if cap:
+        g = g * (1 - t * t)
+    return nll, g.to(z_C_V.dtype)
+
+
+COMPILE_BACKEND = "inductor"  # of the compiled softmax_nll_grad (tests on CPU use aot_eager)
+_compiled_softmax: dict[str, object] = {}
+
+
+def _compiled_softmax_nll_grad():
+    if COMPILE_BACKEND not in _compiled_softmax:
+        _compiled_softmax[COMPILE_BACKEND] = torch.compile(softmax_nll_grad, backend=COMPILE_BACKEND, dynamic=False)
+    return _compiled_softmax[COMPILE_BACKEND]
+
+
 def head_nll_sum(h_N_H: torch.Tensor, W_V_H: torch.Tensor, b_V: torch.Tensor | None, y_N: torch.Tensor,
-                 cap: float | None = None, chunk: int | None = None) -> torch.Tensor:
+                 cap: float | None = None, chunk: int | None = None, compiled: bool = False) -> torch.Tensor:
     """Σ_n −log softmax(c(h_n·Wᵀ + b))[y_n] (fp32 scalar) without keeping any (N, V) tensor for backward; c is
-    cap·tanh(·/cap) when `cap` is given. Gradients reach h, W and b wherever they require them."""
-    return _FusedHeadNLL.apply(h_N_H, W_V_H, b_V, y_N, cap, chunk or FUSED_CHUNK, compute_dtype(W_V_H))
+    cap·tanh(·/cap) when `cap` is given. Gradients reach h, W and b wherever they require them. `compiled`:
+    each chunk's softmax and gradient run as `softmax_nll_grad` under torch.compile (a trained bias keeps
+    the eager path)."""
+    fn = _compiled_softmax_nll_grad() if compiled else None
+    return _FusedHeadNLL.apply(h_N_H, W_V_H, b_V, y_N, cap, chunk or FUSED_CHUNK, compute_dtype(W_V_H), fn)
 
 
 def _fusable_head(model: nn.Module) -> nn.Linear | None:
@@ -210,11 +251,13 @@ def shifted_targets(labels_B_T: torch.Tensor) -> torch.Tensor:
 
 
 @distributed.through_root  # torchrun: trunk and head run inside the FSDP root's hooks
-def nll_sum(model: nn.Module, batch: dict[str, torch.Tensor], fused: bool = True) -> tuple[torch.Tensor, int]:
+def nll_sum(model: nn.Module, batch: dict[str, torch.Tensor], fused: bool = True, compiled: bool = False
+            ) -> tuple[torch.Tensor, int]:
     """(sum of token NLLs over labelled positions, number of them) for an SFT batch with HF-style labels.
     With grad enabled the head and loss are one fused node (`head_nll_sum`); eval without grad takes the plain
     chunks, as does a head that the fused node does not handle (then checkpointed per chunk). `fused=False`: the
-    plain chunks with their logits kept for backward (the benchmark's A/B reference)."""
+    plain chunks with their logits kept for backward (the benchmark's A/B reference). `compiled`: the fused
+    node's softmax runs compiled (`head_nll_sum`), as the trainer asks with `compile=true`."""
     targets_B_T = shifted_targets(batch["labels"])
     head = _fusable_head(model) if fused and torch.is_grad_enabled() else None
     if head is None:
@@ -223,4 +266,4 @@ def nll_sum(model: nn.Module, batch: dict[str, torch.Tensor], fused: bool = True
     sel_B_T = targets_B_T != -100
     y_N = targets_B_T[sel_B_T]
     h_N_H = hidden_states(model, batch)[sel_B_T]
-    return head_nll_sum(h_N_H, head.weight, head.bias, y_N, _softcap(model)), int(y_N.numel())
+    return head_nll_sum(h_N_H, head.weight, head.bias, y_N, _softcap(model), compiled=compiled), int(y_N.numel())

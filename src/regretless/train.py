@@ -74,10 +74,26 @@ def setup_policy(cfg: Any):
         enable_checkpointing(model)
     distributed.shard(model, amp, lora=cfg.lora is not None)  # torchrun: FSDP2 over all ranks; else nothing
     if cfg.compile:
-        trunk = getattr(model, "base_model", model)
-        trunk.compile()  # in place: parameter names, checkpoints and adapters are unchanged
-        log("torch.compile: the transformer trunk is compiled on first use")
+        n = compile_blocks(model)
+        log(f"torch.compile: {n} decoder blocks compiled on first use" if n else
+            "torch.compile: the transformer trunk is compiled on first use")
     return model, tok, path, device, amp, report
+
+
+def compile_blocks(model: torch.nn.Module, **kwargs) -> int:
+    """torch.compile each decoder block in place (parameter names, checkpoints and adapters unchanged); the
+    number compiled. Blocks, not the whole trunk: the trunk's forward (embeddings, rotary tables, the attention
+    mask) stays eager, where transformers leaves plain causal attention to SDPA's `is_causal=True`; traced
+    (torch < 2.14) it materializes a (B, 1, T, T) mask for every batch, and the masked attention kernels cost
+    ~3x the causal ones (40 ms of a 256 ms Llama-3.2-1B LoRA step at 8 x 2048 on an H200). Identical blocks
+    share one compiled graph. A model without recognisable blocks gets its trunk compiled instead (0)."""
+    blocks = distributed.decoder_blocks(model)
+    if not blocks:
+        getattr(model, "base_model", model).compile(**kwargs)
+        return 0
+    for b in blocks:
+        b.compile(**kwargs)
+    return len(blocks)
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
@@ -179,8 +195,19 @@ def autocast(device: torch.device, amp: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
 
+def right_padded(mask_B_T: torch.Tensor) -> bool:
+    """True when every row of a 2-D padding mask is ones then zeros (padding on the right only, or none)."""
+    return bool((mask_B_T[:, 1:] <= mask_B_T[:, :-1]).all())
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, amp: torch.dtype | None, model) -> dict:
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on `device`. A right-padded 2-D attention mask (checked here, on the host) is left out: under
+    causal attention a real token never sees a pad to its right and positions count from 0 either way, so every
+    labelled position's output is the same without it, and attention runs as plain causal SDPA (no mask
+    tensor, no device-to-host check of it by transformers)."""
+    mask = batch.get("attention_mask")
+    drop = mask is not None and mask.dim() == 2 and "position_ids" not in batch and right_padded(mask)
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if not (drop and k == "attention_mask")}
     mask = out.get("attention_mask")
     if mask is not None and mask.dim() == 4:  # packed rows: an additive float mask in the compute dtype
         out["attention_mask"] = mask.to(amp or next(model.parameters()).dtype)
@@ -290,12 +317,13 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
         t0 = time.perf_counter()
         model.train()
         cur_lr = set_lr(optimizer, lr_multiplier(step, total, cfg))
-        parts = [to_device(b, device, amp, model) for b in step_parts(step)]
+        raw = step_parts(step)
+        parts = [to_device(b, device, amp, model) for b in raw]
         n_tok = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts)
         loss_sum = 0.0
         for b, w in distributed.rank_rows(parts):  # the step's loss is the token-weighted mean over all its
             with autocast(device, amp):  # micro-batches (torchrun: this rank's rows of each, over all ranks')
-                s, _ = lm.nll_sum(model, b)
+                s, _ = lm.nll_sum(model, b, compiled=cfg.compile)
             (s * w / max(n_tok, 1)).backward()
             loss_sum += s.item() * w
         loss_sum = distributed.all_sum([loss_sum])[0]
@@ -319,7 +347,7 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         seen = sum(int(p["input_ids"].numel() if p.get("attention_mask") is None or p["attention_mask"].dim() == 4
-                       else p["attention_mask"].sum()) for p in parts)
+                       else p["attention_mask"].sum()) for p in raw)  # host tensors: no sync
         state["tokens"] += n_tok
         state["wall_s"] += dt
         state["last_loss"] = loss
