@@ -143,6 +143,28 @@ def test_rl_three_verdicts(tmp_path, lora_acc, full_acc, verdict):
         assert "nothing learned" in c["reason"]  # FullFT did not beat the base: no comparison to make
 
 
+@pytest.mark.parametrize("n_eval", [150, 4000])
+def test_rl_says_when_the_eval_set_is_too_small_to_decide(tmp_path, n_eval):
+    """LoRA and FullFT end equal (0.50): the difference's interval at 150 held-out problems is wider than the
+    10-point margin, so the claim is inconclusive and says how many problems would decide it: run with that
+    many, the same results give a half-width of half the margin; at 4,000 it held."""
+    rl_arm(tmp_path, "full", None, 1e-4, 0.5, n_eval=n_eval, sd=0.0)
+    rl_arm(tmp_path, "r1", 1, 1e-3, 0.5, n_eval=n_eval, sd=0.0)
+    c = claim(tmp_path, "rl")
+    if n_eval == 150:
+        assert c["verdict"] == S.INCONCLUSIVE and "cannot decide" in c["reason"], c
+        assert c["interval_half_width"] > C.RL_MARGIN
+        need = c["eval_size_needed"]
+        assert 769 <= need < 2000  # 1.96 * sqrt(2 * 0.25 / n) = 0.05 at n = 769; a t quantile asks a bit more
+        rl_arm(tmp_path / "more", "full", None, 1e-4, 0.5, n_eval=need, sd=0.0)
+        rl_arm(tmp_path / "more", "r1", 1, 1e-3, 0.5, n_eval=need, sd=0.0)
+        again = claim(tmp_path / "more", "rl")
+        assert C.RL_MARGIN / 2 * 0.99 <= again["interval_half_width"] <= C.RL_MARGIN / 2, again
+        assert again["verdict"] == S.HELD
+    else:
+        assert c["verdict"] == S.HELD and "eval_size_needed" not in c, c
+
+
 def test_rl_binomial_uses_the_problems_the_trainer_scored(tmp_path):
     """config eval_size 2000, but the trainer scored 100 (duplicates dropped): the interval is the 100's."""
     for root, scored in ((tmp_path / "a", None), (tmp_path / "b", 100)):

@@ -32,7 +32,8 @@ from regretless.report import analysis as A
 HELD, NOT_HELD, INCONCLUSIVE = S.HELD, S.NOT_HELD, S.INCONCLUSIVE
 CAP_TRACK, CAP_EARLY = 0.10, 0.10
 LR_RATIO_MIN_RANK = 4
-RL_MARGIN = 0.10  # accuracy points; with 200 eval problems the binomial interval alone is about +-0.1
+RL_MARGIN = 0.10  # accuracy points; with 200 eval problems the binomial interval of the difference alone is
+# about +-0.1: the claim says so (`eval_size_needed`) when the interval is too wide to ever decide
 
 PAPER = {
     "capacity": "FullFT and high-rank LoRA track each other; low ranks fall off the curve as training goes on.",
@@ -344,6 +345,21 @@ def rl(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     reason = {HELD: f"rank-{lo.rank} LoRA is within {RL_MARGIN:.0%} of FullFT or better",
               NOT_HELD: f"rank-{lo.rank} LoRA ends more than {RL_MARGIN:.0%} below FullFT",
               INCONCLUSIVE: f"the interval straddles -{RL_MARGIN:.0%}"}[v]
+    half = (iv.high - iv.low) / 2
+    extra["interval_half_width"] = half
+    if v == INCONCLUSIVE and half >= RL_MARGIN:  # say when the design, not the result, left it open
+        seed_var = sd * sd * (1 / nf + 1 / nl) if math.isfinite(sd) else 0.0
+        room = (RL_MARGIN / 2 / z) ** 2 - seed_var  # variance left for the eval set at half-width margin/2
+        p_bar = (pf + pl) / 2
+        n_need = math.ceil(2 * p_bar * (1 - p_bar) / room) if room > 0 else None
+        if n_need is not None and n_need > 20 * n_eval:  # the seeds' spread, not the eval set, is the limit
+            n_need = None
+        need = (f"about {n_need:,} held-out problems would" if n_need else
+                "more seeds per LR as well as more held-out problems would")
+        reason += (f"; the interval's half-width {half:.3f} is at least the {RL_MARGIN:.0%} margin itself, so "
+                   f"{n_eval} held-out problems and {nf}+{nl} seeds cannot decide it ({need} bring it to "
+                   f"{RL_MARGIN / 2:.0%})")
+        extra["eval_size_needed"] = n_need
     if bad:
         v, reason = INCONCLUSIVE, f"optimum not bracketed for {', '.join(bad)}"
     return _claim("rl", v, d, iv.as_list(), reason, measured, [f, lo], **extra)
