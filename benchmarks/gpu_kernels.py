@@ -45,7 +45,7 @@ def attention(rows: list[dict]) -> None:
         for masked in (False, True):
             name = f"sdpa {backend.name.lower()} {'bool mask' if masked else 'is_causal'}"
 
-            def fwd_bwd():
+            def fwd_bwd(masked=masked):
                 kk, vv = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
                 o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask if masked else None, is_causal=not masked)
                 o.sum().backward()
@@ -68,7 +68,7 @@ def gemms(rows: list[dict]) -> None:
         x = torch.randn(N, d_in, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16)
         gy = torch.randn(N, d_out, device="cuda", dtype=torch.bfloat16)
-        for what, fn in (("x.Wt", lambda: x @ w.T), ("g.W", lambda: gy @ w)):
+        for what, fn in (("x.Wt", lambda x=x, w=w: x @ w.T), ("g.W", lambda gy=gy, w=w: gy @ w)):
             t = timed(fn)
             rows.append({"kernel": f"gemm {name} {what}", "ms": round(t * 1e3, 3),
                          "tflops": round(2 * N * d_in * d_out / t / 1e12, 1)})

@@ -6,7 +6,6 @@ forward is traced), while a left-padded batch keeps its mask."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import build_model, tiny_llama_config
 

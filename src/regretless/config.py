@@ -48,7 +48,7 @@ class TrainCommon:
     save_weights: bool = True  # False: no final adapter/model and no end-of-run checkpoint (sweeps that need the curves)
     log_every: int = 1
     eval_every: int = 25
-    compile: bool = False  # torch.compile the transformer trunk (CUDA; fuses element-wise ops)
+    compile: bool = False  # torch.compile each decoder block and the head softmax (CUDA: 0.288 -> 0.197 s a step, 1B LoRA)
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
     freeze_embeddings: bool = False  # FullFT: train everything but the input embeddings and LM head (what LoRA reaches)
     divergence_factor: float = 4.0  # SFT: stop when loss > factor * first loss (or not finite); RL: non-finite only
