@@ -12,8 +12,9 @@ written after each configuration (`<out>.jsonl` and the markdown table `<out>`),
 Methods
   hf-full-bf16   plain transformers FullFT: bf16 weights, fused AdamW, `model(**batch).loss` (full logits), no
                  regretless code: the reference of the issue's "0.72x a plain bf16 FullFT step"
-  rl-full        regretless FullFT as the trainer runs it on CUDA: fp32 master weights, bf16 autocast, lm.nll_sum
-                 (the fused head + NLL, here also computing the trainable tied head's dW)
+  rl-full        regretless FullFT as the trainer runs it on CUDA: fp32 master weights, bf16 autocast (MoE experts'
+                 3-D weights cast to bf16 too: models.autocast_experts), lm.nll_sum (the fused head + NLL, here
+                 also computing the trainable tied head's dW)
   rl-lora        regretless LoRA: frozen bf16 base, fp32 adapters, bf16 autocast, lm.nll_sum (fused head + NLL:
                  no logits kept for backward); `-nogroup` = the same with the q/k/v, gate/up group fusion and
                  the experts' gate/up pair turned off (A/B of those changes); `-plaince` = the same with the
@@ -54,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from regretless import lm
 from regretless.counts import flops_per_token
 from regretless.lora import LoRAConfig, apply_lora, param_groups
+from regretless.models import autocast_experts
 from regretless.train import compile_blocks, to_device
 
 PEAK_FLOPS = 989e12  # H200 SXM dense bf16
@@ -173,6 +175,8 @@ def run_case(c: Case, args, device: str) -> dict:
     else:
         for p in model.parameters():
             p.requires_grad_(True)
+        if c.method == "rl-full":  # as the trainer: fp32 master experts compute in bf16 under autocast
+            autocast_experts(model)
         groups = param_groups(model, 1e-5)
     n_train = sum(p.numel() for g in groups for p in g["params"])
     if c.ckpt:

@@ -36,7 +36,7 @@ from regretless.config import SFTConfig
 from regretless.data.batching import collate, step_plan, steps_per_epoch
 from regretless.errors import UserError
 from regretless.lora import apply_lora, param_groups, save_adapter
-from regretless.models import default_device, load_model
+from regretless.models import autocast_experts, default_device, load_model
 from regretless.preflight import check_model, check_run
 from regretless.runfiles import normal_modes, open_run, restore, save_atomically, write_summary
 
@@ -70,6 +70,8 @@ def setup_policy(cfg: Any):
         if cfg.freeze_embeddings:
             n = freeze_embeddings(model)
             log(f"freeze_embeddings: {n:,} parameters of the input embeddings and LM head stay fixed")
+        if amp is not None and autocast_experts(model):  # fp32 master experts: grouped GEMMs in the amp dtype
+            log(f"MoE experts run in {str(amp).removeprefix('torch.')} under autocast (fp32 master weights)")
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     distributed.shard(model, amp, lora=cfg.lora is not None)  # torchrun: FSDP2 over all ranks; else nothing
