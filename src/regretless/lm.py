@@ -24,6 +24,8 @@ forward. Gemma-style `final_logit_softcapping` (z -> cap·tanh(z/cap)) is handle
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -201,13 +203,11 @@ def softmax_nll_grad(z_C_V: torch.Tensor, y_C: torch.Tensor, cap: float | None) 
 
 
 COMPILE_BACKEND = "inductor"  # of the compiled softmax_nll_grad (tests on CPU use aot_eager)
-_compiled_softmax: dict[str, object] = {}
 
 
-def _compiled_softmax_nll_grad():
-    if COMPILE_BACKEND not in _compiled_softmax:
-        _compiled_softmax[COMPILE_BACKEND] = torch.compile(softmax_nll_grad, backend=COMPILE_BACKEND, dynamic=False)
-    return _compiled_softmax[COMPILE_BACKEND]
+@functools.cache
+def _compiled_softmax_nll_grad(backend: str):
+    return torch.compile(softmax_nll_grad, backend=backend, dynamic=False)
 
 
 def head_nll_sum(h_N_H: torch.Tensor, W_V_H: torch.Tensor, b_V: torch.Tensor | None, y_N: torch.Tensor,
@@ -216,7 +216,7 @@ def head_nll_sum(h_N_H: torch.Tensor, W_V_H: torch.Tensor, b_V: torch.Tensor | N
     cap·tanh(·/cap) when `cap` is given. Gradients reach h, W and b wherever they require them. `compiled`:
     each chunk's softmax and gradient run as `softmax_nll_grad` under torch.compile (a trained bias keeps
     the eager path)."""
-    fn = _compiled_softmax_nll_grad() if compiled else None
+    fn = _compiled_softmax_nll_grad(COMPILE_BACKEND) if compiled else None
     return _FusedHeadNLL.apply(h_N_H, W_V_H, b_V, y_N, cap, chunk or FUSED_CHUNK, compute_dtype(W_V_H), fn)
 
 

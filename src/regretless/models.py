@@ -81,8 +81,6 @@ def default_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-
-
 def _experts_forward_in_amp(self: torch.nn.Module, *args, **kwargs):
     """An expert module's forward with its 3-D weights cast to the autocast dtype (see `autocast_experts`)."""
     names = self._amp_expert_params

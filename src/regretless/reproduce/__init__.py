@@ -112,11 +112,13 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
         n_tr, n_ev = int(p.rl.get("train_size", 2000)), int(p.rl.get("eval_size", 64))
         rl_base["env"] = materialize_env(rl_env, out / "data", int(p.rl.get("data_seed", 0)), n_tr, n_ev)
         if Path(rl_base["env"]).is_file():  # a small task space: say what the trainer will hold out
+            from regretless.rl.envs import jsonl_eval_size
+
             n = sum(1 for line in Path(rl_base["env"]).read_text().splitlines() if line.strip())
+            held = jsonl_eval_size(n, n_tr, n_ev)
             if n < n_tr + n_ev:
                 _say(f"{rl_env}: {n:,} distinct problems, fewer than train_size + eval_size = {n_tr + n_ev:,}: "
-                     f"each RL run holds out {min(n_ev, n // 5):,} and trains on the other {n - min(n_ev, n // 5):,}",
-                     quiet)
+                     f"each RL run holds out {held:,} and trains on the other {n - held:,}", quiet)
     n_train = count_examples(sft_base["data"]) - int(sft_base.get("eval_size", 64)) if any(
         f != "rl" for f in findings) else 0
     if any(f != "rl" for f in findings) and n_train < int(sft_base.get("batch_size", 8)):

@@ -141,8 +141,14 @@ def _jsonl(path: Path, seed: int, train_size: int, eval_size: int) -> tuple[list
     if len(items) < 2:
         raise UserError(f"{path}: need at least 2 prompt/answer lines, found {len(items)}")
     random.Random(seed).shuffle(items)
-    n_eval = eval_size if len(items) >= train_size + eval_size else min(eval_size, len(items) // 5)
+    n_eval = jsonl_eval_size(len(items), train_size, eval_size)
     return _split(items[n_eval:n_eval + train_size], items[:n_eval], n_eval, str(path))
+
+
+def jsonl_eval_size(n_items: int, train_size: int, eval_size: int) -> int:
+    """Problems a JSONL env of `n_items` holds out: `eval_size`, or a fifth of them when there are fewer than
+    train_size + eval_size."""
+    return eval_size if n_items >= train_size + eval_size else min(eval_size, n_items // 5)
 
 
 def load_reward(ref: str) -> tuple[RewardFn, str]:
