@@ -70,6 +70,40 @@ def test_decisive_runs_get_every_seed():
     assert all(len(scores[lr]) == 1 for lr in lrs if lr not in lrs[i - 1:i + 2])
 
 
+def test_confirm_seeds_only_at_the_best_lr_after_the_decisive_runs():
+    f = u_curve(2e-3, 0.003)
+    _, plain = search(f, start=1e-3)
+    cfg = SearchConfig(confirm=(2, 3))
+    status, scores = search(f, start=1e-3, cfg=cfg)
+    assert status == DONE
+    lrs = sorted(scores)
+    b = min(lrs, key=lambda lr: np.mean(list(scores[lr].values())))
+    assert set(scores[b]) == {0, 1, 2, 3}
+    assert all(set(scores[lr]) <= {0, 1} for lr in lrs if lr != b)  # confirmation seeds nowhere else
+    assert {lr: set(v) for lr, v in scores.items() if lr != b} == {lr: set(v) for lr, v in plain.items() if lr != b}
+    # they come last: while the decisive runs are missing, no confirmation seed is asked for
+    partial = {lr: {0: v[0]} for lr, v in plain.items()}
+    _, todo = next_runs(partial, 1e-3, cfg)
+    assert todo and all(s == 1 for _, s in todo)
+
+
+def test_confirm_seeds_that_move_the_best_confirm_the_new_best():
+    # two neighbouring LRs nearly tied after seeds 0-1; the confirmation seeds of the first make it worse
+    lo, hi = 1e-3, float(f"{1e-3 * 10 ** (1 / 3):.4g}")
+    mid = float(f"{1e-3 * 10 ** (1 / 6):.4g}")
+    left = float(f"{1e-3 / 10 ** (1 / 3):.4g}")
+    right = float(f"{1e-3 * 10 ** (2 / 3):.4g}")
+    base = {left: 3.0, lo: 1.0, mid: 1.01, hi: 2.0, right: 3.0, float(f"{1e-3 / 10 ** (1 / 6):.4g}"): 2.5}
+
+    def f(lr, s):
+        return base[lr] + (0.5 if (lr == lo and s >= 2) else 0.0)
+
+    status, scores = search(f, start=1e-3, cfg=SearchConfig(confirm=(2, 3)))
+    assert status == DONE
+    assert set(scores[lo]) == {0, 1, 2, 3}  # confirmed first, then no longer the best
+    assert set(scores[mid]) == {0, 1, 2, 3}  # the new best got its confirmation seeds too
+
+
 def test_start_points_three_per_decade_then_refined():
     _, todo = next_runs({}, 1e-3)
     assert [lr for lr, _ in todo] == [pytest.approx(1e-3 / 10 ** (1 / 3), rel=1e-3), 1e-3,

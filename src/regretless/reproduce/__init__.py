@@ -130,12 +130,14 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
         if any(c.command == cmd for c in conds):
             probe = [(c.name, c.start_lr, p.seeds[0]) for c in conds if c.command == cmd]
             parse_spec(sweep_spec(cmd, base, by_name, probe), f"preset {p.name}: {cmd}")
-    search = SearchConfig(max_decades=p.max_decades, seeds=p.seeds)
+    searches = {"sft": SearchConfig(max_decades=p.max_decades, seeds=p.seeds),
+                "rl": SearchConfig(max_decades=p.max_decades, seeds=p.seeds, confirm=p.rl_confirm_seeds)}
     plan = Plan()
     status: dict[str, str] = {}
     context = {"preset": p.name, "description": p.description, "budget": p.budget, "scale_note": p.scale_note,
                "model": {"name": model_name, **facts}, "data": str(sft_data), "env": rl_env,
-               "n_train": n_train, "seeds": list(p.seeds), "freeze_embeddings": freeze, "findings": list(findings),
+               "n_train": n_train, "seeds": list(p.seeds), "rl_confirm_seeds": list(p.rl_confirm_seeds),
+               "freeze_embeddings": freeze, "findings": list(findings),
                "ranks": list(p.ranks), "rank_note": rank_note,
                "sft": {k: v for k, v in sft_base.items() if k != "model"},
                "rl": {k: v for k, v in rl_base.items() if k != "model"}}
@@ -165,7 +167,7 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
             finished = {cmd: ledger_scores(out / cmd, cmd) for cmd in bases}
             pending: dict[str, list[tuple[str, float, int]]] = {cmd: [] for cmd in bases}
             for c in conds:
-                status[c.name], waiting = replay(c, plan, search, finished[c.command],
+                status[c.name], waiting = replay(c, plan, searches[c.command], finished[c.command],
                                                  lambda key, cmd=c.command: run_id_of(cmd, key))
                 pending[c.command] += waiting
             if not any(pending.values()) or rounds == max_rounds:
@@ -229,6 +231,8 @@ def dry_run(preset: str | Preset, model: str | None = None, only: str | Iterable
                              f"{p.placement_rank}",
                 "rl": f"FullFT + LoRA r={p.rl_rank}"}[f]
         lines.append(f"    {f}: {arms}")
+    if "rl" in findings and p.rl_confirm_seeds:
+        lines.append(f"  RL: each arm's best LR also runs seeds {list(p.rl_confirm_seeds)}")
     return lines
 
 

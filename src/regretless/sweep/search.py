@@ -10,7 +10,10 @@ sweep runner's resume skips every run already done. Rules, applied in order each
    `capped`: the claim that uses this condition says the optimum was not bracketed);
 3. refine: add the half-step points on both sides of the best coarse point;
 4. seeds: the best LR and its two neighbours (the decisive runs) get every seed in `seeds`; if the seed means
-   move the best point, rules 2-4 apply again around the new best.
+   move the best point, rules 2-4 apply again around the new best;
+5. confirm: the best LR alone gets every seed in `confirm` (more seeds where a claim reads its value: the
+   score at the optimum, whose interval rests on the seeds there); if they move the best point, rules 2-5 apply
+   again.
 The starting guess only decides where the search starts and so what it costs; the optimum it reports is
 wherever the scores put it. LRs are kept to 4 significant digits, so the same grid point is the same run.
 """
@@ -32,6 +35,7 @@ class SearchConfig:
     max_decades: float = 2.0  # how far from the starting guess the search may go, each way
     seeds: tuple[int, ...] = (0, 1)  # seeds of the decisive runs (the first seed is used while searching)
     refine: bool = True
+    confirm: tuple[int, ...] = ()  # extra seeds at the best LR once rules 1-4 are done
 
     def lr_at(self, start: float, k: float) -> float:
         return float(f"{start * 10 ** (k / self.points_per_decade):.4g}")
@@ -69,6 +73,8 @@ def next_runs(scores: Mapping[float, Mapping[int, float]], start: float, cfg: Se
         vals = scores[lr].values()
         if lr is b or all(math.isfinite(v) for v in vals):  # no extra seeds where the LR diverged
             todo += [(lr, s) for s in cfg.seeds if s not in scores[lr]]
+    if not todo:
+        todo = [(b, s) for s in cfg.confirm if s not in scores[b]]
     return (SEARCHING, todo) if todo else (DONE, [])
 
 
