@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 from test_train_sft import chat_jsonl
@@ -237,3 +238,49 @@ def test_a_resumed_search_replays_and_reports_every_run(tiny_llama_dir, tmp_path
     again = R.reproduce(mini, tmp_path / "parts", **kw)
     assert (tmp_path / "parts" / "sft" / "launches.log").read_text().split() == launched
     assert again["context"]["runs"] == n and again["context"]["rounds"] == 0
+
+
+U_CURVE_RL_TRAINER = U_CURVE_TRAINER.replace('''opt = 1e-2 if cfg.get("lora") else 1e-3''', '''if a.command == "rl":
+    opt = 1e-3 if cfg.get("lora") else 1e-4
+    acc = 0.6 - 0.2 * math.log10(cfg["lr"] / opt) ** 2 + 0.001 * cfg["seed"]
+    rows = [{"step": 0, "eval_accuracy": 0.1}, {"step": 3, "reward": acc, "eval_accuracy": acc}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+    json.dump({"status": "done", "steps": 3, "final_reward": acc, "final_eval_accuracy": acc,
+               "eval_problems": 500, "trainable_params": 10, "lr": cfg["lr"], "wall_s": 0.1},
+              open(out / "summary.json", "w"))
+    raise SystemExit(0)
+opt = 1e-2 if cfg.get("lora") else 1e-3''')
+
+
+def test_rl_confirmation_seeds_run_at_each_arms_best_lr_only(tiny_llama_dir, tmp_path):
+    """A preset's `rl_confirm_seeds` (the full preset's: 2, 3) give each RL arm's best LR those seeds too, after
+    its decisive runs, and nothing else: no other RL LR and no SFT run gets them."""
+    import sys
+
+    from regretless.sweep.ledger import current_rows
+
+    trainer = tmp_path / "u_trainer.py"
+    trainer.write_text(U_CURVE_RL_TRAINER)
+    launcher = [sys.executable, str(trainer), "{command}", "--config", "{config}", "--out", "{out}", "--resume"]
+    mini = dataclasses.replace(MINI, seeds=(0, 1), rl_confirm_seeds=(2, 3), max_decades=2.0,
+                               rl={"steps": 3, "problems_per_step": 2, "group_size": 2, "max_new_tokens": 4,
+                                   "train_size": 64, "eval_size": 16, "device": "cpu"})
+    res = R.reproduce(mini, tmp_path / "o", model=str(tiny_llama_dir), data=str(chat_jsonl(tmp_path / "c.jsonl", n=40)),
+                      only="lr_ratio,rl", quiet=True, launcher=launcher)
+    assert res["context"]["rl_confirm_seeds"] == [2, 3]
+    assert {c["name"]: c["search"] for c in res["context"]["conditions"]} == dict.fromkeys(
+        ["full", "r4", "rl-full", "rl-r1"], "done")
+    sft_seeds = {r["axes"]["seed"] for r in current_rows(tmp_path / "o" / "sft")}
+    assert sft_seeds == {0, 1}
+    by_arm: dict[str, dict[float, set[int]]] = {}
+    for r in current_rows(tmp_path / "o" / "rl"):
+        axes = r["axes"]
+        by_arm.setdefault(axes["method"], {}).setdefault(axes["lr"], set()).add(axes["seed"])
+    for method, opt in (("full", 1e-4), ("lora", 1e-3)):
+        lrs = by_arm[method]
+        best = min(lrs, key=lambda lr: abs(math.log10(lr / opt)))
+        assert lrs[best] == {0, 1, 2, 3}, method
+        assert all(s <= {0, 1} for lr, s in lrs.items() if lr != best), method
+    claim = {c["finding"]: c for c in res["report"]["claims"]}["rl"]
+    assert claim["seeds"] == 4 and claim["runs"] == sum(len(s) for v in by_arm.values() for s in v.values())
+    assert claim["optimal_lr"]["rl-full"]["best_lr"] == pytest.approx(1e-4, rel=0.2)
