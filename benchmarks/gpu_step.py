@@ -108,6 +108,9 @@ def cases(tiny: bool) -> list[Case]:
         Case("moe", m, "rl-lora-nogroup", B, T, est_s=40),
         Case("moe", m, "rl-lora", B, T, compile=True, est_s=150), Case("moe", m, "peft", B, T, compile=True, est_s=150),
         Case("moe", m, "rl-full", B, T, compile=True, est_s=150),
+        # PEFT as a plain training loop runs it: bf16 base, PEFT's default fp32 adapters, no autocast (so the
+        # adapters' matmuls run in fp32); information only, the targets compare with PEFT under autocast
+        Case("dense", d, "peft-plain", B, T, est_s=30),
     ]
 
 
@@ -160,7 +163,8 @@ def run_case(c: Case, args, device: str) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    lora = c.method.startswith("rl-lora") or c.method == "peft"
+    peft = c.method.startswith("peft")
+    lora = c.method.startswith("rl-lora") or peft
     weights = torch.float32 if c.method == "rl-full" else torch.bfloat16
     model = build(c.shape, weights, device, args.tiny)
     moe = hasattr(model.config, "num_experts")
@@ -170,7 +174,7 @@ def run_case(c: Case, args, device: str) -> dict:
         apply_lora(model, lcfg)
         set_group_fusion(model, c.method != "rl-lora-nogroup")
         groups = param_groups(model, 1e-5)
-    elif c.method == "peft":
+    elif peft:
         model = peft_model(model, moe, args.rank)
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     else:
@@ -183,15 +187,15 @@ def run_case(c: Case, args, device: str) -> dict:
     if c.ckpt:
         from regretless.train import enable_checkpointing
 
-        enable_checkpointing(model.get_base_model() if c.method == "peft" else model)
-    if c.compile and c.method == "peft":  # the trunk, in place, as a PEFT user compiles it
+        enable_checkpointing(model.get_base_model() if peft else model)
+    if c.compile and peft:  # the trunk, in place, as a PEFT user compiles it
         model.get_base_model().model.compile(backend=args.compile_backend, dynamic=False)
     elif c.compile:  # as the trainer does with compile=true: each decoder block
         compile_blocks(model, backend=args.compile_backend, dynamic=False)
     opt = torch.optim.AdamW(groups, lr=1e-5, fused=True)
     model.train()
-    amp = c.method not in ("hf-full-bf16",)  # the plain reference runs its bf16 weights without autocast
-    hf_loss = c.method in ("hf-full-bf16", "peft")
+    amp = c.method not in ("hf-full-bf16", "peft-plain")  # the plain reference and loop: bf16 weights, no autocast
+    hf_loss = c.method in ("hf-full-bf16", "peft", "peft-plain")
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (c.batch, c.seq), device=device, generator=g)
     batch = {"input_ids": ids, "labels": ids}

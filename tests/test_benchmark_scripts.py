@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_step_tiny_runs_every_selected_case(tmp_path):
     out = tmp_path / "gpu_step.md"
-    cases = "dense:hf-full-bf16,dense:rl-lora,dense:peft,dense:rl-lora+compile,moe:rl-full,moe:rl-full+compile"
+    cases = "dense:hf-full-bf16,dense:rl-lora,dense:peft,dense:rl-lora+compile,moe:rl-full,moe:rl-full+compile,dense:peft-plain"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_step.py"), "--tiny", "--out", str(out),
                         "--only", cases], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")})
