@@ -89,11 +89,9 @@ def test_confirm_seeds_only_at_the_best_lr_after_the_decisive_runs():
 
 def test_confirm_seeds_that_move_the_best_confirm_the_new_best():
     # two neighbouring LRs nearly tied after seeds 0-1; the confirmation seeds of the first make it worse
-    lo, hi = 1e-3, float(f"{1e-3 * 10 ** (1 / 3):.4g}")
-    mid = float(f"{1e-3 * 10 ** (1 / 6):.4g}")
-    left = float(f"{1e-3 / 10 ** (1 / 3):.4g}")
-    right = float(f"{1e-3 * 10 ** (2 / 3):.4g}")
-    base = {left: 3.0, lo: 1.0, mid: 1.01, hi: 2.0, right: 3.0, float(f"{1e-3 / 10 ** (1 / 6):.4g}"): 2.5}
+    at = SearchConfig().lr_at
+    left, left_half, lo, mid, hi, right = (at(1e-3, k) for k in (-1, -0.5, 0, 0.5, 1, 2))
+    base = {left: 3.0, left_half: 2.5, lo: 1.0, mid: 1.01, hi: 2.0, right: 3.0}
 
     def f(lr, s):
         return base[lr] + (0.5 if (lr == lo and s >= 2) else 0.0)
