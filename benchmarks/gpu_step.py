@@ -18,7 +18,9 @@ Methods
   rl-lora        regretless LoRA: frozen bf16 base, fp32 adapters, bf16 autocast, lm.nll_sum (fused head + NLL:
                  no logits kept for backward); `-nogroup` = the same with the q/k/v, gate/up group fusion and
                  the experts' gate/up pair turned off (A/B of those changes); `-plaince` = the same with the
-                 plain chunked cross-entropy, every chunk's fp32 logits kept for backward (A/B of the fused loss)
+                 plain chunked cross-entropy, every chunk's fp32 logits kept for backward (A/B of the fused loss);
+                 `-fusednode+compile` = compiled with each dense adapter's own fused autograd node (LoRA term
+                 accumulated inside the GEMMs) traced into the blocks instead of plain ops (A/B)
   peft           transformers + PEFT LoRA (target_modules, and target_parameters for fused experts), HF loss
   +compile       regretless: `torch.compile` of each decoder block and of the fused head's softmax, as the
                  trainer's `compile=true` does (`train.compile_blocks`); PEFT: of the transformer trunk, as a
@@ -54,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from regretless import lm
 from regretless.counts import flops_per_token
-from regretless.lora import LoRAConfig, apply_lora, param_groups
+from regretless.lora import LoRAConfig, apply_lora, lora_modules, param_groups
 from regretless.models import autocast_experts
 from regretless.train import compile_blocks, to_device
 
@@ -111,6 +113,7 @@ def cases(tiny: bool) -> list[Case]:
         # PEFT as a plain training loop runs it: bf16 base, PEFT's default fp32 adapters, no autocast (so the
         # adapters' matmuls run in fp32); information only, the targets compare with PEFT under autocast
         Case("dense", d, "peft-plain", B, T, est_s=30), Case("moe", m, "peft-plain", B, T, est_s=60),
+        Case("dense", d, "rl-lora-fusednode", B, T, compile=True, est_s=60),
     ]
 
 
@@ -149,8 +152,6 @@ def attention_flops_per_token(cfg, seq: int) -> float:
 
 
 def set_group_fusion(model, on: bool) -> None:
-    from regretless.lora import lora_modules
-
     for _, m in lora_modules(model):
         if hasattr(m, "group_fusion"):  # dense q/k/v and gate/up groups
             m.group_fusion = on
@@ -173,6 +174,10 @@ def run_case(c: Case, args, device: str) -> dict:
     if c.method.startswith("rl-lora"):
         apply_lora(model, lcfg)
         set_group_fusion(model, c.method != "rl-lora-nogroup")
+        if c.method == "rl-lora-fusednode":
+            for _, mod in lora_modules(model):
+                if hasattr(mod, "fused_when_compiled"):
+                    mod.fused_when_compiled = True
         groups = param_groups(model, 1e-5)
     elif peft:
         model = peft_model(model, moe, args.rank)
@@ -329,12 +334,12 @@ def ab_lines(rows: list[dict]) -> list[str]:
     ok = {(r["section"], r["method"]): r for r in rows if "step_s" in r}
     out = []
     for (sec, m), r in ok.items():
-        base = ok.get((sec, "rl-lora"))
-        if not base or m not in ("rl-lora-nogroup", "rl-lora-plaince"):
+        base = ok.get((sec, "rl-lora+compile" if "+compile" in m else "rl-lora"))
+        if not base or m.split("+")[0] not in ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode"):
             continue
         mem = (f", peak memory {base['peak_mem_gib']:.1f} vs {r['peak_mem_gib']:.1f} GiB "
                f"({base['peak_mem_gib'] / r['peak_mem_gib']:.2f}x)") if r["peak_mem_gib"] else ""
-        out.append(f"- {sec}: rl-lora vs {m}: step {base['step_s']:.4f} vs {r['step_s']:.4f} s "
+        out.append(f"- {sec}: {base['method']} vs {m}: step {base['step_s']:.4f} vs {r['step_s']:.4f} s "
                    f"({base['step_s'] / r['step_s']:.2f}x){mem}")
     return out or ["- none measured"]
 

@@ -201,6 +201,7 @@ class LoRALinear(nn.Module):
         self.tied_to: str | None = None  # set when the base weight is shared with another module (merge unties)
         self._backup: torch.Tensor | None = None
         self.group_fusion = True  # use the SharedInputGroup path when a group is set
+        self.fused_when_compiled = False  # under torch.compile: the fused node (True) or plain ops inductor fuses
         self._group: SharedInputGroup | None = None
 
     @property
@@ -250,7 +251,7 @@ class LoRALinear(nn.Module):
             W = W.T  # (d_out, d_in) view
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
         if (W.requires_grad or (bias is not None and bias.requires_grad)  # base also trained
-                or torch.compiler.is_compiling()):  # let inductor fuse the plain ops into its own kernels
+                or (torch.compiler.is_compiling() and not self.fused_when_compiled)):  # inductor fuses the plain ops
             h = x.to(dt)
             return self.base_layer(x) + (self.scale * (h @ self.lora_A.to(dt).T) @ self.lora_B.to(dt).T)
         with torch.autocast(dev, enabled=False):
