@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 from test_report_data import full, lora, lr_grid, rl_arm, sft_arm
 
@@ -174,6 +176,36 @@ def test_rl_binomial_uses_the_problems_the_trainer_scored(tmp_path):
     assert (narrow["eval_size"], wide["eval_size"]) == (2000, 100)
     width = lambda c: c["interval"][1] - c["interval"][0]  # noqa: E731
     assert width(wide) > 3 * width(narrow)
+
+
+@pytest.mark.parametrize("opt_seeds", [(), (2, 3)])
+def test_rl_seed_noise_is_the_optima_own_spread_once_they_have_confirmation_seeds(tmp_path, opt_seeds):
+    """LRs far from each optimum spread widely between seeds (+-0.15), the optima barely (SD 0.002). With 2
+    seeds at the optima the pooled SD (dominated by the far LRs) makes the claim undecidable; with 4 seeds at
+    each optimum the interval is the Welch interval of the two optima's own seeds plus the binomial term
+    (checked against scipy), and the claim holds; the pooled interval is still reported."""
+    from scipy import stats as st
+
+    rl_arm(tmp_path, "full", None, 1e-4, 0.60, n_eval=2000, sd=0.002, opt_seeds=opt_seeds, sd_far=0.15)
+    rl_arm(tmp_path, "r1", 1, 1e-3, 0.59, n_eval=2000, sd=0.002, opt_seeds=opt_seeds, sd_far=0.15)
+    c = claim(tmp_path, "rl")
+    if not opt_seeds:
+        assert c["verdict"] == S.INCONCLUSIVE and "seed_noise" not in c, c
+        assert c["interval"][1] - c["interval"][0] > 2 * C.RL_MARGIN
+        return
+    arms = A.arms(A.load_runs(tmp_path))
+    vf, vl = arms["rl-full"].scores()[1e-4], arms["rl-r1"].scores()[1e-3]
+    assert len(vf) == len(vl) == 4
+    ref = st.ttest_ind(vl, vf, equal_var=False)  # Welch: its df; the variance from the seeds by hand
+    pf, pl = float(np.mean(vf)), float(np.mean(vl))
+    var = np.var(vf, ddof=1) / 4 + np.var(vl, ddof=1) / 4 + (pf * (1 - pf) + pl * (1 - pl)) / 2000
+    h = st.t.ppf(0.975, ref.df) * math.sqrt(var)
+    assert c["effect"] == pytest.approx(pl - pf)
+    assert c["interval"] == pytest.approx([pl - pf - h, pl - pf + h], rel=1e-9)
+    assert c["seed_noise"]["df"] == pytest.approx(ref.df)
+    pooled = c["seed_noise"]["interval_pooled_sd"]
+    assert pooled[1] - pooled[0] > 2 * C.RL_MARGIN and "pooled over all LRs" in c["measured"]
+    assert c["verdict"] == S.HELD, c
 
 
 # ---- claims.json -------------------------------------------------------------------------------------------

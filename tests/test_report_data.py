@@ -59,13 +59,18 @@ def lora(rank: int, targets: str = "all", batch_size: int = 4) -> dict:
 
 
 
-def rl_arm(root, name, rank, opt_lr, final_acc, base=0.3, sd=0.01, n_eval=400, scored=None):
-    """An RL arm; `scored` = the held-out problems the trainer reports (summary eval_problems), default n_eval."""
+def rl_arm(root, name, rank, opt_lr, final_acc, base=0.3, sd=0.01, n_eval=400, scored=None, opt_seeds=(),
+           sd_far=0.0):
+    """An RL arm; `scored` = the held-out problems the trainer reports (summary eval_problems), default n_eval.
+    `opt_seeds`: seeds beyond 0 and 1 at the optimal LR (the search's confirmation seeds); `sd_far`: LRs two or
+    more grid steps from the optimum end `sd_far` above (seed 0) and below (seed 1) their mean: a spread that
+    differs by LR, as FullFT's collapses at high LRs, with those LRs' means unchanged."""
     for lr in lr_grid(opt_lr):
         d = math.log10(lr / opt_lr)
-        for seed in (0, 1):
+        for seed in (0, 1, *(opt_seeds if lr == opt_lr else ())):
+            far = sd_far * (1 if seed == 0 else -1) if abs(d) > 0.25 else 0.0
             acc = [base + (final_acc - base) * (1 - 0.5 * d * d) * k / 4 + (sd * noise(name, lr, seed, k) if k else 0)
-                   for k in range(5)]
+                   + (far if k == 4 else 0.0) for k in range(5)]
             metrics = [{"step": 5 * k, "eval_accuracy": a, **({"reward": a} if k else {})} for k, a in enumerate(acc)]
             cfg = {"model": "m", "lora": None if rank is None else {"rank": rank}, "lr": lr, "seed": seed,
                    "eval_size": n_eval}

@@ -78,6 +78,17 @@ def pooled_sd(groups: Iterable[Sequence[float]]) -> tuple[float, int]:
     return (math.sqrt(ss / df), df) if df else (math.nan, 0)
 
 
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """(variance of mean(a) - mean(b), Welch-Satterthwaite degrees of freedom) from each group's own spread;
+    needs 2+ values in each. Both spreads zero: df = n_a + n_b - 2."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if min(len(x), len(y)) < 2:
+        raise ValueError("welch needs at least two values in each group")
+    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    den = va * va / (len(x) - 1) + vb * vb / (len(y) - 1)
+    return float(va + vb), float((va + vb) ** 2 / den) if den > 0 else float(len(x) + len(y) - 2)
+
+
 @dataclass(frozen=True)
 class Interval:
     value: float

@@ -16,7 +16,10 @@ Claims (D = the FullFT arm's eval-loss drop from the base model to its best fina
 5. rl: rank-1 LoRA's final held-out accuracy minus FullFT's, in [-RL_MARGIN, inf); needs FullFT to have
    improved on the base model (interval above 0), else inconclusive.
 Noise: the seed SD pooled over every (arm, LR) run with 2+ seeds, t interval; RL adds the binomial variance
-of an accuracy measured on the eval set.
+of an accuracy measured on the eval set. RL's seed noise is the two compared cells' own spread (Welch) when
+each arm's best LR has RL_CELL_SEEDS+ seeds (the search's confirmation seeds): an RL arm's spread differs
+by LR (FullFT collapses in some seeds at high LRs and not at its optimum), so a pooled SD would charge the
+comparison at the optima with the instability of LRs far from them. With fewer seeds, the pooled SD.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from regretless.report import analysis as A
 HELD, NOT_HELD, INCONCLUSIVE = S.HELD, S.NOT_HELD, S.INCONCLUSIVE
 CAP_TRACK, CAP_EARLY = 0.10, 0.10
 LR_RATIO_MIN_RANK = 4
+RL_CELL_SEEDS = 3  # seeds at both compared LRs from which their own spread is the RL comparison's seed noise
 RL_MARGIN = 0.10  # accuracy points; with 200 eval problems the binomial interval of the difference alone is
 # about +-0.1: the claim says so (`eval_size_needed`) when the interval is too wide to ever decide
 
@@ -322,21 +326,33 @@ def rl(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     base = next((float(r.series("eval_accuracy")[1][0]) for r in f.runs if len(r.series("eval_accuracy")[0])
                  and r.series("eval_accuracy")[0][0] == 0), math.nan)
     sd, df = A.pooled_seed_sd(arms.values())
-    (_, pf, nf), (_, pl, nl) = bf, bl
-    var = sum(p * (1 - p) / max(n_eval, 1) for p in (pf, pl))
-    if math.isfinite(sd):
-        var += sd * sd * (1 / nf + 1 / nl)
-    z = S.t_quantile(max(df, 1) if math.isfinite(sd) else math.inf)
+    (lr_f, pf, nf), (lr_l, pl, nl) = bf, bl
+    binom = sum(p * (1 - p) / max(n_eval, 1) for p in (pf, pl))
     d = pl - pf
-    iv = S.Interval(d, d - z * math.sqrt(var), d + z * math.sqrt(var))
+
+    def interval(seed_var: float, seed_df: float) -> S.Interval:
+        h = S.t_quantile(max(seed_df, 1)) * math.sqrt(binom + seed_var)
+        return S.Interval(d, d - h, d + h)
+
+    pooled_var = sd * sd * (1 / nf + 1 / nl) if math.isfinite(sd) else 0.0
+    pooled = interval(pooled_var, df if math.isfinite(sd) else math.inf)
+    if min(nf, nl) >= RL_CELL_SEEDS:  # each optimum's own seeds
+        seed_var, seed_df = S.welch(f.scores()[lr_f], lo.scores()[lr_l])
+        noise = f"seed spread at the two best LRs, {nf}+{nl} seeds; with the SD pooled over all LRs {_fmt_iv(pooled)}"
+    else:
+        seed_var, seed_df, noise = pooled_var, (df if math.isfinite(sd) else math.inf), None
+    z = S.t_quantile(max(seed_df, 1))
+    iv = interval(seed_var, seed_df)
     base_iv = S.proportion_interval(base * n_eval, n_eval) if math.isfinite(base) else S.Interval(*[math.nan] * 3)
     h = 1.96 * math.sqrt((pf * (1 - pf) + base * (1 - base)) / max(n_eval, 1)) if math.isfinite(base) else math.nan
     learn = S.Interval(pf - base, pf - base - h, pf - base + h)
     opts = {x.name: optimum(x, (sd, df)) for x in (f, lo)}
     measured = (f"held-out greedy accuracy ({n_eval} problems): base {_fmt_iv(base_iv)}, FullFT {pf:.3f}, "
-                f"r={lo.rank} {pl:.3f}; difference {_fmt_iv(iv)}")
+                f"r={lo.rank} {pl:.3f}; difference {_fmt_iv(iv)}" + (f" ({noise})" if noise else ""))
     extra = {"base_accuracy": base_iv.value, "base_interval": base_iv.as_list(), "eval_size": n_eval,
              "optimal_lr": {k: o.as_dict() for k, o in opts.items() if o}}
+    if noise:
+        extra["seed_noise"] = {"kind": "welch", "df": seed_df, "interval_pooled_sd": pooled.as_list()}
     if not learn.low > 0:
         return _claim("rl", INCONCLUSIVE, d, iv.as_list(), "FullFT did not clearly improve on the base model: "
                       "nothing learned to compare", measured, [f, lo], **extra)
@@ -348,7 +364,6 @@ def rl(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     half = (iv.high - iv.low) / 2
     extra["interval_half_width"] = half
     if v == INCONCLUSIVE and half >= RL_MARGIN:  # say when the design, not the result, left it open
-        seed_var = sd * sd * (1 / nf + 1 / nl) if math.isfinite(sd) else 0.0
         room = (RL_MARGIN / 2 / z) ** 2 - seed_var  # variance left for the eval set at half-width margin/2
         p_bar = (pf + pl) / 2
         n_need = math.ceil(2 * p_bar * (1 - p_bar) / room) if room > 0 else None
