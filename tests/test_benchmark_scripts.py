@@ -27,3 +27,16 @@ def test_gpu_step_tiny_runs_every_selected_case(tmp_path):
     assert "Issue 12 targets:" in text and "rl-lora+compile" in text
     assert "moe: best regretless LoRA (rl-lora) tokens/s vs PEFT eager in a plain loop" in text
     assert "- dense: rl-lora+compile vs rl-lora-fusednode+compile: step" in text
+
+
+def test_rl_search_rounds_replays_the_committed_full_sweep_exactly():
+    """With the span the full sweep was searched with (1), the replay asks only for runs the sweep has (none
+    filled in) and ends where the report does: FullFT's best 5.811e-6, rank 1's 1.877e-4."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "rl_search_rounds.py"),
+                        str(ROOT / "docs" / "results" / "full"), "--spans", "1,3"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, three = r.stdout.splitlines()
+    assert one.startswith("first_span 1: 9 rounds") and one.count("(0 filled in)") == 2, one
+    assert "best 5.811e-06" in one and "best 0.0001877" in one
+    assert three.startswith("first_span 3: 6 rounds"), three

@@ -102,6 +102,37 @@ def test_confirm_seeds_that_move_the_best_confirm_the_new_best():
     assert set(scores[mid]) == {0, 1, 2, 3}  # the new best got its confirmation seeds too
 
 
+def test_a_wider_first_round_and_the_same_search_after_it():
+    """first_span = 3: seven LRs, +-1 decade, in the first round; once scores exist the rules are the same as
+    with span 1, so a replay over a sweep started with either span asks for the same runs. A far-off guess
+    (optimum 1.2 decades below) is found in fewer rounds."""
+    at = SearchConfig().lr_at
+    _, todo = next_runs({}, 1e-3, SearchConfig(first_span=3))
+    assert [lr for lr, _ in todo] == [at(1e-3, k) for k in range(-3, 4)] and {s for _, s in todo} == {0}
+    _, capped = next_runs({}, 1e-3, SearchConfig(first_span=9, max_decades=1.0))
+    assert len(capped) == 7  # never beyond max_decades
+    f = u_curve(1e-3 / 10 ** 1.2, 0.0)
+    s1, scores1 = search(f, start=1e-3)
+    s3, scores3 = search(f, start=1e-3, cfg=SearchConfig(first_span=3))
+    assert s1 == s3 == DONE
+    best = lambda sc: min(sc, key=lambda lr: np.mean(list(sc[lr].values())))  # noqa: E731
+    assert best(scores1) == best(scores3)
+    for sc in (scores1, scores3):
+        assert next_runs(sc, 1e-3, SearchConfig()) == next_runs(sc, 1e-3, SearchConfig(first_span=3))
+    assert rounds(f, 1e-3, SearchConfig(first_span=3)) < rounds(f, 1e-3, SearchConfig())
+
+
+def rounds(f, start, cfg) -> int:
+    scores: dict = {}
+    n, (status, todo) = 0, next_runs({}, start, cfg)
+    while todo:
+        n += 1
+        for lr, s in todo:
+            scores.setdefault(lr, {})[s] = f(lr, s)
+        status, todo = next_runs(scores, start, cfg)
+    return n
+
+
 def test_start_points_three_per_decade_then_refined():
     _, todo = next_runs({}, 1e-3)
     assert [lr for lr, _ in todo] == [pytest.approx(1e-3 / 10 ** (1 / 3), rel=1e-3), 1e-3,

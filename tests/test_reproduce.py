@@ -14,6 +14,7 @@ from test_train_sft import chat_jsonl
 from regretless import reproduce as R
 from regretless.cli import main
 from regretless.sweep import expand
+from regretless.sweep.search import SearchConfig
 from regretless.sweep.spec import FINDINGS, parse_spec
 
 
@@ -254,7 +255,9 @@ opt = 1e-2 if cfg.get("lora") else 1e-3''')
 
 def test_rl_confirmation_seeds_run_at_each_arms_best_lr_only(tiny_llama_dir, tmp_path):
     """A preset's `rl_confirm_seeds` (the full preset's: 2, 3) give each RL arm's best LR those seeds too, after
-    its decisive runs, and nothing else: no other RL LR and no SFT run gets them."""
+    its decisive runs, and nothing else: no other RL LR and no SFT run gets them. Its `rl_first_span` (2 here)
+    starts each RL search with the guess and 2 grid points each side (a first round of 1 point each side could
+    reach both k = -2 and k = +2 only by extending both ways)."""
     import sys
 
     from regretless.sweep.ledger import current_rows
@@ -262,7 +265,7 @@ def test_rl_confirmation_seeds_run_at_each_arms_best_lr_only(tiny_llama_dir, tmp
     trainer = tmp_path / "u_trainer.py"
     trainer.write_text(U_CURVE_RL_TRAINER)
     launcher = [sys.executable, str(trainer), "{command}", "--config", "{config}", "--out", "{out}", "--resume"]
-    mini = dataclasses.replace(MINI, seeds=(0, 1), rl_confirm_seeds=(2, 3), max_decades=2.0,
+    mini = dataclasses.replace(MINI, seeds=(0, 1), rl_confirm_seeds=(2, 3), rl_first_span=2, max_decades=2.0,
                                rl={"steps": 3, "problems_per_step": 2, "group_size": 2, "max_new_tokens": 4,
                                    "train_size": 64, "eval_size": 16, "device": "cpu"})
     res = R.reproduce(mini, tmp_path / "o", model=str(tiny_llama_dir), data=str(chat_jsonl(tmp_path / "c.jsonl", n=40)),
@@ -281,6 +284,11 @@ def test_rl_confirmation_seeds_run_at_each_arms_best_lr_only(tiny_llama_dir, tmp
         best = min(lrs, key=lambda lr: abs(math.log10(lr / opt)))
         assert lrs[best] == {0, 1, 2, 3}, method
         assert all(s <= {0, 1} for lr, s in lrs.items() if lr != best), method
+    at = SearchConfig().lr_at
+    for c in res["context"]["conditions"]:
+        if c["command"] == "rl":
+            method = c["axes"]["method"]
+            assert {at(c["start_lr"], k) for k in range(-2, 3)} <= set(by_arm[method]), (method, c["start_lr"])
     claim = {c["finding"]: c for c in res["report"]["claims"]}["rl"]
     assert claim["seeds"] == 4 and claim["runs"] == sum(len(s) for v in by_arm.values() for s in v.values())
     assert claim["optimal_lr"]["rl-full"]["best_lr"] == pytest.approx(1e-4, rel=0.2)

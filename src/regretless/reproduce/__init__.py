@@ -131,7 +131,8 @@ def reproduce(preset: str | Preset, out: str | Path, *, model: str | None = None
             probe = [(c.name, c.start_lr, p.seeds[0]) for c in conds if c.command == cmd]
             parse_spec(sweep_spec(cmd, base, by_name, probe), f"preset {p.name}: {cmd}")
     searches = {"sft": SearchConfig(max_decades=p.max_decades, seeds=p.seeds),
-                "rl": SearchConfig(max_decades=p.max_decades, seeds=p.seeds, confirm=p.rl_confirm_seeds)}
+                "rl": SearchConfig(max_decades=p.max_decades, seeds=p.seeds, confirm=p.rl_confirm_seeds,
+                                   first_span=p.rl_first_span)}
     plan = Plan()
     status: dict[str, str] = {}
     context = {"preset": p.name, "description": p.description, "budget": p.budget, "scale_note": p.scale_note,
@@ -233,6 +234,9 @@ def dry_run(preset: str | Preset, model: str | None = None, only: str | Iterable
         lines.append(f"    {f}: {arms}")
     if "rl" in findings and p.rl_confirm_seeds:
         lines.append(f"  RL: each arm's best LR also runs seeds {list(p.rl_confirm_seeds)}")
+    if "rl" in findings and p.rl_first_span != 1:
+        lines.append(f"  RL: the searches start with {2 * p.rl_first_span + 1} LRs around the recipe's, "
+                     f"{p.rl_first_span} grid points each side")
     return lines
 
 

@@ -4,7 +4,9 @@ A pure function of the scores seen, so that a search that may find any optimum c
 U-curves (tests/test_lr_search.py), and so that a rerun of `reproduce` replays the same decisions and the
 sweep runner's resume skips every run already done. Rules, applied in order each round:
 
-1. start: 3 points per decade around the starting guess (guess / 10^(1/3), guess, guess * 10^(1/3));
+1. start: the starting guess and `first_span` grid points on each side of it, 3 points per decade (span 1:
+   guess / 10^(1/3), guess, guess * 10^(1/3)); a wider first round costs more runs at once and fewer rounds
+   when the guess is far off (rounds, not runs, are what a search on one GPU with free slots waits for);
 2. extend: while the best LR (lowest mean score; a diverged run counts as +inf) is the lowest or the highest
    LR tried, add the next two grid points beyond it (two, so that a poor start costs half the rounds), up to `max_decades` from the start (then the status is
    `capped`: the claim that uses this condition says the optimum was not bracketed);
@@ -36,6 +38,7 @@ class SearchConfig:
     seeds: tuple[int, ...] = (0, 1)  # seeds of the decisive runs (the first seed is used while searching)
     refine: bool = True
     confirm: tuple[int, ...] = ()  # extra seeds at the best LR once rules 1-4 are done
+    first_span: int = 1  # grid points on each side of the starting guess in the first round
 
     def lr_at(self, start: float, k: float) -> float:
         return float(f"{start * 10 ** (k / self.points_per_decade):.4g}")
@@ -51,7 +54,8 @@ def next_runs(scores: Mapping[float, Mapping[int, float]], start: float, cfg: Se
     better, +inf for a diverged or failed run. The list is empty when the status is `done` or `capped`."""
     s0 = cfg.seeds[0]
     if not scores:
-        return SEARCHING, [(cfg.lr_at(start, k), s0) for k in (-1, 0, 1)]
+        span = min(cfg.first_span, int(cfg.max_decades * cfg.points_per_decade))
+        return SEARCHING, [(cfg.lr_at(start, k), s0) for k in range(-span, span + 1)]
     obs = {lr: list(by_seed.values()) for lr, by_seed in scores.items() if by_seed}
     b, left, right = best_and_neighbours(obs)
     kb = cfg.k_of(start, b)
