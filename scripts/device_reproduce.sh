@@ -4,6 +4,7 @@
 #
 #   bash scripts/device_reproduce.sh stash                 # call 1: keep .devcache/p1/gguf.part1 in /root/stash
 #   bash scripts/device_reproduce.sh run full 480 12 4     # later calls: run for 480 s (12 SFT, 4 RL workers)
+#   FRESH=1 bash scripts/device_reproduce.sh run full ...  # first run call of a sweep started from nothing
 #
 # Why the parts: the built-in SmolLM2-135M comes from a 98 MB GGUF file, over the 64 MiB one call carries; the
 # machine keeps /root while it stays warm between calls, so the first part travels in one call and the second
@@ -44,7 +45,7 @@ if [ ! -f "$GGUF" ]; then
     || { echo "GGUF checksum mismatch"; rm -f "$GGUF"; exit 1; }
 fi
 python3 -m regretless assets prepare smollm2-135m 2>&1 | tail -1
-if [ ! -d "$DIR" ]; then
+if [ ! -d "$DIR" ] && [ "${FRESH:-0}" != 1 ]; then  # FRESH=1: a new sweep from nothing (to time the preset)
   SRC=runs/$PRESET; [ -d "$SRC" ] || SRC=docs/results/$PRESET
   if [ -d "$SRC" ]; then mkdir -p /root/work && cp -a "$SRC" "$DIR"; fi
 fi

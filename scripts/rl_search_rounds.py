@@ -21,6 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from regretless.reproduce.presets import PRESETS  # noqa: E402
 from regretless.sweep.search import SearchConfig, next_runs  # noqa: E402
 
 
@@ -78,8 +79,8 @@ def main() -> None:
     args = ap.parse_args()
     data, starts, ctx = load(args.sweep)
     for span in (int(x) for x in args.spans.split(",")):
-        cfg = SearchConfig(max_decades=2.0, seeds=tuple(ctx["seeds"]), confirm=tuple(ctx.get("rl_confirm_seeds", ())),
-                           first_span=span)
+        cfg = SearchConfig(max_decades=PRESETS[ctx["preset"]].max_decades, seeds=tuple(ctx["seeds"]),
+                           confirm=tuple(ctx.get("rl_confirm_seeds", ())), first_span=span)
         res = {m: replay(data[m], starts[m], cfg) for m in starts}
         arms = "; ".join(f"{m}: {r['rounds']} rounds, {r['runs']} runs ({r['filled_in']} filled in), "
                          f"{r['status']}, best {r['best_lr']:.4g}" for m, r in res.items())
