@@ -5,8 +5,7 @@
 
 A run the replay asks for that the sweep does not have is filled in, and counted as such: another seed's mean
 at that LR, else log-linear interpolation between the nearest LRs tried, else (beyond them) the nearest edge's
-mean. Only runs of the sweep's current design count (those whose summary reports the held-out problems of the
-design's newest runs). Rounds, not runs, are what a search waits for when the GPU has free slots.
+mean. Only runs of the sweep's current design count (the ledger's current rows). Rounds, not runs, are what a search waits for when the GPU has free slots.
 """
 
 from __future__ import annotations
@@ -17,29 +16,21 @@ import math
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from regretless.reproduce.presets import PRESETS  # noqa: E402
+from regretless.sweep.ledger import current_rows  # noqa: E402
 from regretless.sweep.search import SearchConfig, next_runs  # noqa: E402
 
 
 def load(sweep: Path) -> tuple[dict[str, dict[float, dict[int, float]]], dict[str, float], dict]:
     ctx = json.loads((sweep / "reproduce.json").read_text())
     starts = {c["axes"]["method"]: c["start_lr"] for c in ctx["conditions"] if c["command"] == "rl"}
-    rows = []
-    for f in sorted((sweep / "rl" / "runs").glob("*/summary.json")):
-        s = json.loads(f.read_text())
-        if s.get("status") == "done" and s.get("final_eval_accuracy") is not None:
-            cfg = yaml.safe_load((f.parent / "config.yaml").read_text())
-            rows.append((f.stat().st_mtime, s, cfg))
-    n_eval = max(rows)[1].get("eval_problems")  # the newest run's design
     data: dict[str, dict[float, dict[int, float]]] = {m: {} for m in starts}
-    for _, s, cfg in rows:
-        if s.get("eval_problems") == n_eval:
-            method = "full" if s.get("lora_rank") is None else "lora"
-            data[method].setdefault(s["lr"], {})[cfg["seed"]] = -s["final_eval_accuracy"]  # lower is better
+    for r in current_rows(sweep / "rl"):  # the ledger's current design only (older specs' rows are stale)
+        if r["status"] == "done" and r.get("final_eval_accuracy") is not None:
+            axes = r["axes"]
+            data[axes["method"]].setdefault(axes["lr"], {})[axes["seed"]] = -r["final_eval_accuracy"]  # lower: better
     return data, starts, ctx
 
 
