@@ -1,5 +1,5 @@
 """How many rounds would a reproduce sweep's RL searches take with another first-round span? Replays
-`regretless.sweep.search.next_runs` on the sweep's own finished RL runs (their final held-out accuracy).
+`regretless.sweep.search.next_runs` on the sweep's own finished RL runs (their scores as `reproduce` reads them from the ledger).
 
     python3 scripts/rl_search_rounds.py docs/results/full --spans 1,2,3
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from regretless.reproduce.plan import ledger_scores  # noqa: E402
 from regretless.reproduce.presets import PRESETS  # noqa: E402
 from regretless.sweep.ledger import current_rows  # noqa: E402
 from regretless.sweep.search import SearchConfig, next_runs  # noqa: E402
@@ -27,10 +28,11 @@ def load(sweep: Path) -> tuple[dict[str, dict[float, dict[int, float]]], dict[st
     ctx = json.loads((sweep / "reproduce.json").read_text())
     starts = {c["axes"]["method"]: c["start_lr"] for c in ctx["conditions"] if c["command"] == "rl"}
     data: dict[str, dict[float, dict[int, float]]] = {m: {} for m in starts}
+    scores = ledger_scores(sweep / "rl", "rl")  # as reproduce scores them: lower is better, +inf diverged
     for r in current_rows(sweep / "rl"):  # the ledger's current design only (older specs' rows are stale)
-        if r["status"] == "done" and r.get("final_eval_accuracy") is not None:
+        if scores.get(r["id"]) is not None:
             axes = r["axes"]
-            data[axes["method"]].setdefault(axes["lr"], {})[axes["seed"]] = -r["final_eval_accuracy"]  # lower: better
+            data[axes["method"]].setdefault(axes["lr"], {})[axes["seed"]] = scores[r["id"]]
     return data, starts, ctx
 
 
