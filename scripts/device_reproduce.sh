@@ -6,15 +6,15 @@
 #   bash scripts/device_reproduce.sh run full 480 12 4     # later calls: run for 480 s (12 SFT, 4 RL workers)
 #   FRESH=1 bash scripts/device_reproduce.sh run full ...  # first run call of a sweep started from nothing
 #
+# Here, first: `bash scripts/device_prepare.sh` (builds the ignored .devcache/ and .whl/ those calls carry).
 # Why the parts: the built-in SmolLM2-135M comes from a 98 MB GGUF file, over the 64 MiB one call carries; the
-# machine keeps /root while it stays warm between calls, so the first part travels in one call and the second
-# (.devcache/p2/gguf.part2, with gguf.sha256) in the next. Wheels the machine lacks travel in .whl/ (gguf).
+# machine keeps /root and /tmp while it stays warm between calls, so the first part travels with the wheels in the
+# stash call (carry .devcache/p1 and .whl: they install into /tmp/site) and the second (.devcache/p2/gguf.part2,
+# with gguf.sha256) in the first run call (carry .devcache/p2 only: part 2 and .whl together are over 64 MiB).
 # The sweep folder is /root/work/PRESET on every machine (the same absolute paths in its spec and configs, so a
-# copy brought back continues here or there); a fresh machine starts from runs/PRESET when a call carries it,
-# else from the committed docs/results/PRESET (which travels with the tree). Here, before the calls:
-#   split -b 48000000 -d -a 1 <the GGUF> .devcache/gguf.part  (-> part0 into .devcache/p1/gguf.part1, part1 into
-#   .devcache/p2/gguf.part2; sha256sum of the whole file into .devcache/p2/gguf.sha256): each call's tree, parts
-#   and wheels stay under 64 MiB.
+# copy brought back continues here or there); a fresh machine starts from FROM=<folder> when given (a sweep
+# in progress, committed to continue in a later session), else runs/PRESET when a call carries it, else the
+# committed docs/results/PRESET (which travels with the tree).
 # Back here: untar $OUT/PRESET.tgz into /root/work/ and run `regretless reproduce --preset PRESET --out
 # /root/work/PRESET --report-only` (REGRETLESS_CACHE as on the device: ~/.cache/regretless) for the report.
 # SFT and RL searches run as two `reproduce --only` processes side by side (their sweep folders differ); when
@@ -46,7 +46,7 @@ if [ ! -f "$GGUF" ]; then
 fi
 python3 -m regretless assets prepare smollm2-135m 2>&1 | tail -1
 if [ ! -d "$DIR" ] && [ "${FRESH:-0}" != 1 ]; then  # FRESH=1: a new sweep from nothing (to time the preset)
-  SRC=runs/$PRESET; [ -d "$SRC" ] || SRC=docs/results/$PRESET
+  SRC=${FROM:-runs/$PRESET}; [ -d "$SRC" ] || SRC=docs/results/$PRESET
   if [ -d "$SRC" ]; then mkdir -p /root/work && cp -a "$SRC" "$DIR"; fi
 fi
 nvidia-smi dmon -s um -d 5 > "$OUT/dmon.log" 2>&1 &
