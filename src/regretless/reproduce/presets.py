@@ -82,10 +82,11 @@ FULL = Preset(
     # RL's final accuracy is the noisiest score here (seeds of one FullFT LR ended 0.33 and 0.01 on the H200): the
     # claim compares the two arms at their best LRs, so those two LRs get 4 seeds, not 2
     rl_confirm_seeds=(2, 3),
-    # rl_first_span stays 1, the span docs/results/full was searched with (a replay asks for the first round's
-    # runs). Both RL optima there lay about a decade below the recipe's guess (FullFT 5.8e-6 from 8.5e-5, rank 1
-    # 1.9e-4 from 1.3e-3); replayed on that sweep's own results, rl_first_span=3 (7 LRs, +-1 decade) would end
-    # the two RL searches in 6 rounds instead of 9 (FullFT 5, rank 1 6; was 9 and 7): for the next fresh run.
+    # The RL optima of the first sweep on the H200 lay about a decade below the recipe's guess (FullFT 5.8e-6 from
+    # 8.5e-5, rank 1 1.9e-4 from 1.3e-3) and a first round of 3 LRs took 9 rounds to reach them (each round as long
+    # as its slowest run); replayed on that sweep's results (scripts/rl_search_rounds.py), a first round of 7 LRs
+    # (+-1 decade) ends both searches in 6
+    rl_first_span=3,
     scale_note="A 135M model and 128 steps of 8: larger than quick, far below the paper's 8B models and "
                "thousands of steps; the large batch (32) is the paper's *small* batch, so the batch finding "
                "here tests only the direction of the effect at a 4x batch.",
