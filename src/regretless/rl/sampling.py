@@ -134,46 +134,57 @@ def sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]]
     tokens_N_T = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logp_N_T = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
     entropy_N_T = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
-    lengths_N = torch.zeros(N, dtype=torch.long, device=device)
-    stopped_N = torch.zeros(N, dtype=torch.bool, device=device)
+    # the host keeps each row's ids and which rows are alive: one wait for the device a step (the drawn ids), where
+    # reading them back per row (stop strings) and the done/any/all masks on the device waited up to N + 4 times
+    ids_N: list[list[int]] = [[] for _ in range(N)]
+    alive = list(range(N))  # = alive_A, on the host
+    stopped = [False] * N
     for t in range(max_new_tokens):
         logp_A_V = torch.log_softmax(logits_A_V, dim=-1)  # the temperature-1 policy
         gen = generator
         if isinstance(generator, list):  # rows alive per prompt (rows stay prompt-major)
-            gen = (generator, torch.bincount(alive_A // n, minlength=len(prompts_token_ids)).tolist())
+            counts = [0] * len(prompts_token_ids)
+            for row in alive:
+                counts[row // n] += 1
+            gen = (generator, counts)
         tok_A, logq_A = _draw(logits_A_V, temperature, top_p, gen)
         tokens_N_T[alive_A, t] = tok_A
         logp_N_T[alive_A, t] = logq_A
         entropy_N_T[alive_A, t] = -(logp_A_V.exp() * logp_A_V).sum(-1)
-        lengths_N[alive_A] = t + 1
-        done_A = torch.tensor([int(x) in eos_set for x in tok_A.tolist()], dtype=torch.bool, device=device)
-        if stop:
-            for a, row in enumerate(alive_A.tolist()):
-                if not done_A[a]:
-                    tail = tokenizer.decode(tokens_N_T[row, max(0, t + 1 - tail_tokens):t + 1].tolist())
-                    done_A[a] = any(s in tail for s in stop)
-        stopped_N[alive_A[done_A]] = True
-        if t == max_new_tokens - 1 or bool(done_A.all()):
+        done = []
+        for row, tok in zip(alive, tok_A.tolist()):
+            ids_N[row].append(tok)
+            done.append(tok in eos_set)
+        if stop:  # the tail of each row that did not just end: one batched decode
+            check = [a for a, d in enumerate(done) if not d]
+            tails = tokenizer.batch_decode([ids_N[alive[a]][-tail_tokens:] for a in check])
+            for a, tail in zip(check, tails):
+                done[a] = any(s in tail for s in stop)
+        for row, d in zip(alive, done):
+            stopped[row] = stopped[row] or d
+        if t == max_new_tokens - 1 or all(done):
             break
-        if bool(done_A.any()):
-            keep_A = (~done_A).nonzero().squeeze(-1)
+        if any(done):
+            keep = [a for a, d in enumerate(done) if not d]
+            keep_A = torch.tensor(keep, device=device)
             cache.batch_select_indices(keep_A)
+            alive = [alive[a] for a in keep]
             alive_A, tok_A, attn_A_L, pos_A = alive_A[keep_A], tok_A[keep_A], attn_A_L[keep_A], pos_A[keep_A]
-        attn_A_L = torch.cat([attn_A_L, attn_A_L.new_ones((len(alive_A), 1))], dim=1)
+        attn_A_L = torch.cat([attn_A_L, attn_A_L.new_ones((len(alive), 1))], dim=1)
         pos_A = pos_A + 1
         out = model(input_ids=tok_A[:, None], attention_mask=attn_A_L, position_ids=pos_A[:, None],
                     **{ckw: cache}, use_cache=True)
         logits_A_V = out.logits[:, -1].float()
 
+    lengths_N = torch.tensor([len(ids) for ids in ids_N], dtype=torch.long)
     T = int(lengths_N.max()) if N else 0
-    mask_N_T = torch.arange(T, device=device)[None, :] < lengths_N[:, None]
+    mask_N_T = torch.arange(T)[None, :] < lengths_N[:, None]
     texts = []
-    for row in range(N):
-        text = tokenizer.decode(tokens_N_T[row, :int(lengths_N[row])].tolist(), skip_special_tokens=True)
+    for text in tokenizer.batch_decode(ids_N, skip_special_tokens=True):
         cuts = [text.find(s) for s in stop if s in text]
         texts.append(text[:min(cuts)] if cuts else text)
     return SampleBatch(tokens_N_T[:, :T].cpu(), logp_N_T[:, :T].cpu(), entropy_N_T[:, :T].cpu(),
-                       mask_N_T.cpu(), lengths_N.cpu(), stopped_N.cpu(), texts,
+                       mask_N_T, lengths_N, torch.tensor(stopped, dtype=torch.bool), texts,
                        torch.arange(len(prompts_token_ids)).repeat_interleave(n), time.perf_counter() - t0)
 
 
