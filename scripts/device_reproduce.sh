@@ -16,8 +16,8 @@
 # (a sweep in progress, committed as the $OUT/PRESET.tgz a call brought back, to continue in a later session: a
 # tarball of ~1 MB, where its folder and data would take 5 MB of the 64 MiB a call carries), else runs/PRESET when
 # a call carries it, else the committed docs/results/PRESET (which travels with the tree).
-# Back here: untar $OUT/PRESET.tgz into /root/work/ and run `regretless reproduce --preset PRESET --out
-# /root/work/PRESET --report-only` (REGRETLESS_CACHE as on the device: ~/.cache/regretless) for the report.
+# Back here: `bash scripts/device_results.sh PRESET <files_at>/PRESET.tgz docs/results/PRESET` (unpacks it into
+# /root/work/PRESET, writes the report with --report-only, copies it without weights).
 # SFT and RL searches run as two `reproduce --only` processes side by side (their sweep folders differ); when
 # both finish, one more `reproduce` (no new runs) writes the whole report. What comes back: $OUT/PRESET.tgz (run
 # folders without weights), logs, nvidia-smi utilisation.
