@@ -1,11 +1,13 @@
 """How many rounds would a reproduce sweep's RL searches take with another first-round span? Replays
-`regretless.sweep.search.next_runs` on the sweep's own finished RL runs (their scores as `reproduce` reads them from the ledger).
+`regretless.sweep.search.next_runs` on the sweep's own finished RL runs (their scores as `reproduce` reads them
+from the ledger).
 
     python3 scripts/rl_search_rounds.py docs/results/full --spans 1,2,3
 
 A run the replay asks for that the sweep does not have is filled in, and counted as such: another seed's mean
 at that LR, else log-linear interpolation between the nearest LRs tried, else (beyond them) the nearest edge's
-mean. Only runs of the sweep's current design count (the ledger's current rows). Rounds, not runs, are what a search waits for when the GPU has free slots.
+mean. Only runs of the sweep's current design count (the ledger's current rows). Rounds, not runs, are what a
+search waits for when the GPU has free slots.
 """
 
 from __future__ import annotations

@@ -330,19 +330,20 @@ def rl(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     binom = sum(p * (1 - p) / max(n_eval, 1) for p in (pf, pl))
     d = pl - pf
 
-    def interval(seed_var: float, seed_df: float) -> S.Interval:
-        h = S.t_quantile(max(seed_df, 1)) * math.sqrt(binom + seed_var)
-        return S.Interval(d, d - h, d + h)
+    def interval(seed_var: float, seed_df: float) -> tuple[S.Interval, float]:
+        """The difference's t interval, and its t quantile."""
+        z = S.t_quantile(max(seed_df, 1))
+        h = z * math.sqrt(binom + seed_var)
+        return S.Interval(d, d - h, d + h), z
 
-    pooled_var = sd * sd * (1 / nf + 1 / nl) if math.isfinite(sd) else 0.0
-    pooled = interval(pooled_var, df if math.isfinite(sd) else math.inf)
+    pooled_var, pooled_df = (sd * sd * (1 / nf + 1 / nl), df) if math.isfinite(sd) else (0.0, math.inf)
+    pooled, _ = interval(pooled_var, pooled_df)
     if min(nf, nl) >= RL_CELL_SEEDS:  # each optimum's own seeds
         seed_var, seed_df = S.welch(f.scores()[lr_f], lo.scores()[lr_l])
         noise = f"seed spread at the two best LRs, {nf}+{nl} seeds; with the SD pooled over all LRs {_fmt_iv(pooled)}"
     else:
-        seed_var, seed_df, noise = pooled_var, (df if math.isfinite(sd) else math.inf), None
-    z = S.t_quantile(max(seed_df, 1))
-    iv = interval(seed_var, seed_df)
+        seed_var, seed_df, noise = pooled_var, pooled_df, None
+    iv, z = interval(seed_var, seed_df)
     base_iv = S.proportion_interval(base * n_eval, n_eval) if math.isfinite(base) else S.Interval(*[math.nan] * 3)
     h = 1.96 * math.sqrt((pf * (1 - pf) + base * (1 - base)) / max(n_eval, 1)) if math.isfinite(base) else math.nan
     learn = S.Interval(pf - base, pf - base - h, pf - base + h)
