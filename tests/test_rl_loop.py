@@ -101,3 +101,21 @@ def test_cli_bad_input_is_one_line(tiny_llama_dir, tmp_path, capsys):
     assert rc == 2 and "longer than the context" in capsys.readouterr().err
     rc = main(["rl", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "z"), "--group-size", "1"])
     assert rc == 2 and "group_size" in capsys.readouterr().err
+
+
+def test_eval_batch_rows_fill_a_kv_budget_on_a_gpu_and_stay_at_the_sampler_rows_on_a_cpu():
+    import torch
+    from transformers import LlamaConfig
+
+    from regretless.rl.evaluate import eval_batch_rows
+
+    cfg = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    per_row = 30 * 2 * 3 * (576 // 9) * 107 * 2  # layers, K and V, KV heads, head size, tokens, bf16 bytes
+    assert eval_batch_rows(cfg, gpu, 2, 107, 128) == (1 << 31) // per_row == 871
+    assert eval_batch_rows(cfg, gpu, 2, 107, 128, kv_budget_bytes=per_row * 7) == 128  # never below the sampler's
+    assert eval_batch_rows(cfg, gpu, 4, 107, 16) == (1 << 31) // (2 * per_row)
+    assert eval_batch_rows(cfg, cpu, 2, 107, 128) == 128
+    cfg.head_dim = 128  # an explicit head size wins over hidden / heads
+    assert eval_batch_rows(cfg, gpu, 2, 107, 1) == (1 << 31) // (30 * 2 * 3 * 128 * 107 * 2)
+    assert eval_batch_rows(object(), gpu, 2, 107, 9) == 9  # no attention fields: the sampler's rows

@@ -203,6 +203,14 @@ class LoRALinear(nn.Module):
         self.group_fusion = True  # use the SharedInputGroup path when a group is set
         self.fused_when_compiled = False  # under torch.compile: the fused node (True) or plain ops inductor fuses
         self._group: SharedInputGroup | None = None
+        self._decode_weight: torch.Tensor | None = None  # W + s·B·A, set by merge.merged_for_decoding
+
+    def merged_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W + s·B·A as (d_out, d_in) in `dtype`, summed in fp32 and rounded once; the base weight is untouched."""
+        w = self.base_layer.weight.detach()
+        w = w.T if self.fan_in_fan_out else w
+        d = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        return (w.float() + d).to(dtype)
 
     @property
     def in_features(self) -> int:
@@ -241,6 +249,10 @@ class LoRALinear(nn.Module):
                                "(adapters_disabled does)")
         if not self.enabled or self.merged:
             return self.base_layer(x)  # (..., d_out)
+        W_dec = self._decode_weight
+        if W_dec is not None and not torch.is_grad_enabled():  # decoding: one GEMM with the merged weight
+            bias = self.base_layer.bias
+            return nn.functional.linear(x.to(W_dec.dtype), W_dec, None if bias is None else bias.to(W_dec.dtype))
         if self._group is not None and self.group_fusion and not torch.compiler.is_compiling():
             y = self._group.take(self, x)
             if y is not None:

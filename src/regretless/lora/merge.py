@@ -4,7 +4,8 @@ Shared weights are never changed behind the user's back: a base weight that anot
 head, whose weight is the input embedding table) is untied first: the adapted module gets its own copy, merged,
 and `config.tie_word_embeddings` is set to False so that saving and reloading keeps the two apart. Unmerging ties
 the weight again. The untied module names are returned. `adapters_disabled` gives the base model's forward, merged
-or not, without a second copy of the weights.
+or not, without a second copy of the weights. `merged_for_decoding` gives token-by-token decoding (RL sampling,
+greedy eval) one GEMM per adapted matrix, from merged copies, leaving the trained adapters and base weights alone.
 """
 
 from __future__ import annotations
@@ -95,3 +96,34 @@ def adapters_disabled(model: nn.Module):
             m.enabled = b
         if any(merged):
             merge_lora(model, only=[m for m, was in zip(mods, merged) if was])
+
+
+@contextlib.contextmanager
+def merged_for_decoding(model: nn.Module, max_bytes: int | None = None, low_precision_only: bool = False):
+    """Inside, forwards without grad of every active dense adapter (`LoRALinear`) run x·W'ᵀ with W' = W + s·B·A
+    computed once on entry (fp32 sum, rounded to the compute dtype: the autocast dtype when autocast is on, else
+    the base weight's): one GEMM and no adapter casts per matrix and token step, where the adapter path runs
+    three or more kernels (casts of A and B, x·Aᵀ, the B GEMM accumulated) besides the base GEMM. Decoding is
+    launch-bound at RL's batch sizes, so this is what a sampler wants; the numbers agree with the adapter path to
+    the compute dtype's rounding. Forwards with grad (training) ignore the copies. The copies cost one weight's
+    bytes per adapted matrix: when that is over `max_bytes`, nothing changes. `low_precision_only`: only where
+    the compute dtype is below fp32 (bf16, fp16). Routed-expert and bare-parameter adapters keep their own paths."""
+    mods = [m for _, m in lora_modules(model) if isinstance(m, LoRALinear) and m.enabled and not m.merged
+            and m._decode_weight is None]
+    dtypes = []
+    for m in mods:
+        dev = m.base_layer.weight.device.type
+        dtypes.append(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else m.base_layer.weight.dtype)
+    if low_precision_only:
+        mods, dtypes = [m for m, dt in zip(mods, dtypes) if dt.itemsize < 4], [dt for dt in dtypes if dt.itemsize < 4]
+    need = sum(m.out_features * m.in_features * dt.itemsize for m, dt in zip(mods, dtypes))
+    if max_bytes is not None and need > max_bytes:
+        mods = []
+    try:
+        with torch.no_grad():
+            for m, dt in zip(mods, dtypes):
+                m._decode_weight = m.merged_weight(dt)
+        yield model
+    finally:
+        for m in mods:
+            m._decode_weight = None

@@ -53,6 +53,22 @@ class EvalResult:
     n: int
 
 
+def eval_batch_rows(model_config, device: torch.device, value_bytes: int, tokens_per_row: int, at_least: int,
+                    kv_budget_bytes: int = 1 << 31) -> int:
+    """Rows per greedy-eval batch. On a GPU, where decoding is bound by kernel launches (one pass of the model
+    per token, whatever the rows), as many rows as keep the KV cache within `kv_budget_bytes` (layers x 2 x KV
+    heads x head size x `tokens_per_row` values of `value_bytes`), and never fewer than `at_least` (the training
+    sampler's rows); on a CPU, where compute bounds it, `at_least`. A config without those fields: `at_least`."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    layers, heads = getattr(text, "num_hidden_layers", None), getattr(text, "num_attention_heads", None)
+    if device.type != "cuda" or not layers or not heads or not getattr(text, "hidden_size", None):
+        return at_least
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_row = layers * 2 * kv_heads * head_dim * tokens_per_row * value_bytes
+    return max(at_least, kv_budget_bytes // max(per_row, 1))
+
+
 @torch.no_grad()
 @distributed.gathered_decoding  # torchrun: one gather for all its batches (ranks may differ in count)
 def greedy_eval(model: torch.nn.Module, tokenizer, env: Env, problems: list[Problem],

@@ -40,7 +40,7 @@ from regretless.lora import adapters_disabled
 from regretless.preflight import check_model, check_run
 from regretless.rl import collapse
 from regretless.rl.envs import Env, make_env
-from regretless.rl.evaluate import EvalResult, encode_problems, greedy_eval
+from regretless.rl.evaluate import EvalResult, encode_problems, eval_batch_rows, greedy_eval
 from regretless.rl.step import Reference, policy_gradient_step
 from regretless.runfiles import open_run, restore, write_summary
 from regretless.train import (
@@ -146,6 +146,10 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
         f"{f'LoRA r={cfg.lora.rank}' if cfg.lora else 'FullFT'}, {trainable:,} trainable parameters "
         f"on {device} ({torch.get_num_threads()} CPU threads)")
 
+    eval_rows = eval_batch_rows(model.config, device, amp.itemsize if amp else 4,
+                                max((len(t) for t in eval_ids), default=0) + cfg.max_new_tokens,
+                                max(cfg.micro_batch_size, cfg.problems_per_step * cfg.group_size))
+
     def amp_ctx() -> contextlib.AbstractContextManager:
         return autocast(device, amp)
 
@@ -153,7 +157,7 @@ def _train_rl(cfg: RLConfig, out: Path, resume: bool, env: Env) -> dict:
         lo, hi = distributed.share(len(eval_problems))  # torchrun: this rank's share; one process: all
         with amp_ctx():
             res = greedy_eval(model, tok, env, eval_problems[lo:hi], eval_ids[lo:hi], cfg.max_new_tokens,
-                              cfg.stop, batch_size=max(cfg.micro_batch_size, cfg.problems_per_step * cfg.group_size))
+                              cfg.stop, batch_size=eval_rows)
         if distributed.active():
             n = float(res.n)
             res = EvalResult(n=len(eval_problems), **distributed.mean_over_ranks(
