@@ -367,3 +367,28 @@ def test_compile_blocks_inductor_matches_eager_on_moe_lora_cuda():
     assert g1.keys() == g0.keys() and any("experts" in k for k in g0)
     for k in g0:
         assert _rel(g1[k], g0[k]) < 1e-2, k
+
+
+@needs_cuda
+def test_merged_decoding_on_cuda_bf16_matches_the_adapter_path():
+    """The RL sampler's decoding path on a GPU: W + s·B·A merged in bf16 gives the adapter path's logits to bf16
+    rounding, with the base model's GEMM count (test_lora_decode_merge.py checks the same on CPU)."""
+    from conftest import build_model, tiny_llama_config
+    from test_lora_decode_merge import CountGemms
+
+    from regretless.lora import adapters_disabled, merged_for_decoding
+
+    model = build_model(tiny_llama_config(hidden_size=256, intermediate_size=512)).cuda()
+    apply_lora(model, LoRAConfig(rank=8))
+    _randomize_b(model)
+    ids = torch.randint(3, 512, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with adapters_disabled(model), CountGemms() as base:
+            model(input_ids=ids)
+        ref = model(input_ids=ids).logits.float()
+        with merged_for_decoding(model, low_precision_only=True):
+            assert {m._decode_weight.dtype for _, m in lora_modules(model)} == {torch.bfloat16}
+            with CountGemms() as merged:
+                got = model(input_ids=ids).logits.float()
+    assert merged.n == base.n
+    assert (got - ref).abs().max() < 0.03 * ref.abs().max()
