@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from regretless.reproduce.plan import ledger_scores  # noqa: E402
-from regretless.reproduce.presets import PRESETS  # noqa: E402
-from regretless.sweep.ledger import current_rows  # noqa: E402
-from regretless.sweep.search import SearchConfig, next_runs  # noqa: E402
+from regretless.reproduce.plan import ledger_scores
+from regretless.reproduce.presets import PRESETS
+from regretless.sweep.ledger import current_rows
+from regretless.sweep.search import SearchConfig, next_runs
 
 
 def load(sweep: Path) -> tuple[dict[str, dict[float, dict[int, float]]], dict[str, float], dict]:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _mutate import ROOT, run_mutations  # noqa: E402
+from _mutate import ROOT, run_mutations
 
 SRC = ROOT / "src/regretless/lm.py"
 ONEHOT = "g_C_V[torch.arange(len(y_C), device=y_C.device), y_C] -= 1.0"

@@ -8,7 +8,14 @@ import torch
 from conftest import build_model, tiny_llama_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from regretless.lora import LoRAConfig, LoRALinear, adapters_disabled, apply_lora, lora_modules, merged_for_decoding
+from regretless.lora import (
+    LoRAConfig,
+    LoRALinear,
+    adapters_disabled,
+    apply_lora,
+    lora_modules,
+    merged_for_decoding,
+)
 from regretless.rl.sampling import sample
 
 GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
@@ -106,9 +113,8 @@ def test_training_inside_ignores_the_copies_and_an_error_drops_them():
         out.square().mean().backward()
     assert n == ref_n
     assert all(m.lora_A.grad is not None and m.lora_A.grad.abs().sum() > 0 for _, m in lora_modules(model))
-    with pytest.raises(RuntimeError, match="boom"):
-        with merged_for_decoding(model):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), merged_for_decoding(model):
+        raise RuntimeError("boom")
     assert all(m._decode_weight is None for _, m in lora_modules(model))
     # the adapters were not changed by decoding: a step of training moves outputs as before
     assert all(isinstance(m, LoRALinear) and not m.merged for _, m in lora_modules(model))

@@ -118,7 +118,7 @@ def test_a_wider_first_round_and_the_same_search_after_it():
     s1, scores1 = search(f, start=1e-3)
     s3, scores3 = search(f, start=1e-3, cfg=SearchConfig(first_span=3))
     assert s1 == s3 == DONE
-    best = lambda sc: min(sc, key=lambda lr: np.mean(list(sc[lr].values())))  # noqa: E731
+    best = lambda sc: min(sc, key=lambda lr: np.mean(list(sc[lr].values())))
     assert best(scores1) == best(scores3)
     for sc in (scores1, scores3):
         assert next_runs(sc, 1e-3, SearchConfig()) == next_runs(sc, 1e-3, SearchConfig(first_span=3))

@@ -174,7 +174,7 @@ def test_rl_binomial_uses_the_problems_the_trainer_scored(tmp_path):
         rl_arm(root, "r1", 1, 1e-3, 0.58, n_eval=2000, sd=0.003, scored=scored)
     wide, narrow = claim(tmp_path / "b", "rl"), claim(tmp_path / "a", "rl")
     assert (narrow["eval_size"], wide["eval_size"]) == (2000, 100)
-    width = lambda c: c["interval"][1] - c["interval"][0]  # noqa: E731
+    width = lambda c: c["interval"][1] - c["interval"][0]
     assert width(wide) > 3 * width(narrow)
 
 

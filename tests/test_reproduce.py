@@ -116,7 +116,8 @@ def test_materialized_env_keeps_every_eval_problem_held_out(tmp_path):
     spec = "rg:chain_sum,min_terms=3,max_terms=3,max_digits=1"
     raw = make_env(spec, 0, 1000, 200)
     path = R.materialize_env(spec, tmp_path, 0, 1000, 200)
-    prompts = [json.loads(line)["prompt"] for line in open(path)]
+    with open(path) as f:
+        prompts = [json.loads(line)["prompt"] for line in f]
     assert len(prompts) == len(set(prompts))
     env = make_env(path, 0, 1000, 200)
     assert len(env.eval) == 200 and not {p.prompt_messages[-1]["content"] for p in env.eval} & {
