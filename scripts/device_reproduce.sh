@@ -72,11 +72,12 @@ PACKER=$!
 nvidia-smi dmon -s um -d 5 > "$OUT/dmon.log" 2>&1 &
 DMON=$!
 T0=$(date +%s)
+stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done; }  # when each round began
 timeout -k 40 -s TERM "$SECS" python3 -m regretless reproduce --preset "$PRESET" --out "$DIR" --only rl \
-  --workers "$WR" > "$OUT/rl.log" 2>&1 &
+  --workers "$WR" 2>&1 | stamp > "$OUT/rl.log" &
 RL=$!
 timeout -k 40 -s TERM "$SECS" python3 -m regretless reproduce --preset "$PRESET" --out "$DIR" \
-  --only capacity,lr_ratio,batch,placement --workers "$WS" > "$OUT/sft.log" 2>&1 &
+  --only capacity,lr_ratio,batch,placement --workers "$WS" 2>&1 | stamp > "$OUT/sft.log" &
 SFT=$!
 wait $RL; RC_RL=$?
 wait $SFT; RC_SFT=$?
