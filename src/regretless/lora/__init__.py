@@ -31,6 +31,6 @@ from regretless.lora.structure import scan
 __all__ = [
     "ExpertsLayout", "LoRAConfig", "LoRAExperts", "LoRALinear", "LoRAParam", "LoRAReport", "Target",
     "adapters_disabled", "apply_lora", "export_per_expert", "find_targets", "load_adapter", "lora_modules",
-    "lora_parameters", "merge_lora", "merged_for_decoding", "param_groups", "plan", "read_adapter", "save_adapter", "scan", "unload",
-    "unmerge_lora",
+    "lora_parameters", "merge_lora", "merged_for_decoding", "param_groups", "plan", "read_adapter", "save_adapter",
+    "scan", "unload", "unmerge_lora",
 ]

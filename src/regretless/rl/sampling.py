@@ -112,17 +112,17 @@ def sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]]
     step instead of the adapter's four or more kernels, as FullFT's sampler does with its fp32 weights rounded to
     bf16. In fp32 the adapter path stays (the learner then reproduces the sampler's log-probs to ~1e-6, and
     compute, not launches, bounds decoding on a CPU)."""
+    t0 = time.perf_counter()  # wall_s counts the merge too
     device = next(model.parameters()).device
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     with merged_for_decoding(model, max_bytes=None if free is None else free // 4, low_precision_only=True):
         return _sample(model, tokenizer, prompts_token_ids, n, max_new_tokens, temperature, top_p, stop,
-                       eos_token_ids, generator, pad_token_id, device)
+                       eos_token_ids, generator, pad_token_id, device, t0)
 
 
 def _sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]], n: int, max_new_tokens: int,
             temperature: float, top_p: float, stop: tuple[str, ...] | list[str], eos_token_ids: list[int] | None,
-            generator: Any, pad_token_id: int | None, device: torch.device) -> SampleBatch:
-    t0 = time.perf_counter()
+            generator: Any, pad_token_id: int | None, device: torch.device, t0: float) -> SampleBatch:
     if eos_token_ids is None:
         eos = tokenizer.eos_token_id
         eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
