@@ -25,7 +25,8 @@ def test_pg_loss_on_policy_is_minus_mean_adv_per_token_and_grad():
     loss, stats = pg_loss(logp_B_T, logp_B_T.detach(), adv_B, mask_B_T)
     # ratio = 1 everywhere: -(2 + 2 - 1) / 3 tokens
     assert loss.item() == pytest.approx(-1.0)
-    assert stats["ratio_mean"] == pytest.approx(1.0) and stats["tokens"] == 3.0
+    assert float(stats["ratio_sum"] / stats["tokens"]) == pytest.approx(1.0) and float(stats["tokens"]) == 3.0
+    assert {k: v.dim() for k, v in stats.items()} == dict.fromkeys(("ratio_sum", "clipped", "kl_sum", "tokens"), 0)
     loss.backward()
     # d/dlogp of -ratio*adv/N = -adv/N on masked tokens (ratio = 1)
     assert torch.allclose(logp_B_T.grad, torch.tensor([[-2 / 3, -2 / 3, 0.0], [1 / 3, 0.0, 0.0]]))
@@ -38,11 +39,11 @@ def test_pg_loss_importance_ratio_clipping_and_num_tokens():
     adv = torch.tensor([1.0])
     loss, stats = pg_loss(logp_new, logp_old, adv, mask)
     assert loss.item() == pytest.approx(-(1.5 + 0.5) / 2)
-    assert stats["ratio_mean"] == pytest.approx(1.0)
+    assert float(stats["ratio_sum"]) == pytest.approx(1.5 + 0.5)
     loss, stats = pg_loss(logp_new, logp_old, adv, mask, clip_eps=0.2)
     # ratio 1.5 clipped to 1.2 (A > 0: the clipped term is smaller); ratio 0.5 is not clipped (min picks 0.5)
     assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2)
-    assert stats["clip_frac"] == pytest.approx(0.5)
+    assert float(stats["clipped"]) == 1.0 and float(stats["tokens"]) == 2.0
     loss.backward()
     assert logp_new.grad[0, 0].item() == 0.0  # clipped token has no gradient
     assert logp_new.grad[0, 1].item() == pytest.approx(-0.5 / 2)
@@ -50,7 +51,7 @@ def test_pg_loss_importance_ratio_clipping_and_num_tokens():
     assert loss10.item() == pytest.approx(-(1.5 + 0.5) / 10)
     # negative advantage: ratio 0.5 < 0.8 is clipped up, ratio 1.5 is not
     loss, stats = pg_loss(logp_new, logp_old, -adv, mask, clip_eps=0.2)
-    assert loss.item() == pytest.approx((1.5 + 0.8) / 2) and stats["clip_frac"] == pytest.approx(0.5)
+    assert loss.item() == pytest.approx((1.5 + 0.8) / 2) and float(stats["clipped"]) == 1.0
 
 
 def test_kl_k3_and_penalty():
@@ -62,7 +63,7 @@ def test_kl_k3_and_penalty():
     adv0 = torch.zeros(1)
     loss, stats = pg_loss(logp_new, logp_new, adv0, mask, kl_coef=0.1, logp_ref_B_T=logp_ref)
     assert loss.item() == pytest.approx(0.1 * k3.sum().item() / 2)
-    assert stats["kl"] == pytest.approx(k3.mean().item())
+    assert float(stats["kl_sum"]) == pytest.approx(k3.sum().item())
 
 
 def test_constant_group_contributes_nothing():

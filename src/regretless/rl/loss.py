@@ -52,14 +52,16 @@ def kl_k3(logp_new_B_T: torch.Tensor, logp_ref_B_T: torch.Tensor) -> torch.Tenso
 def pg_loss(logp_new_B_T: torch.Tensor, logp_old_B_T: torch.Tensor, adv_B: torch.Tensor,
             mask_B_T: torch.Tensor, clip_eps: float | None = None, kl_coef: float = 0.0,
             logp_ref_B_T: torch.Tensor | None = None, num_tokens: float | None = None
-            ) -> tuple[torch.Tensor, dict[str, float]]:
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Importance-sampled policy-gradient loss (see the module docstring) and stats.
 
-    Returns (loss, {"ratio_mean", "clip_frac", "kl", "tokens"}); stats are means over masked tokens.
+    Returns (loss, {"ratio_sum", "clipped", "kl_sum", "tokens"}): sums over the masked tokens (the ratio, the
+    tokens whose clipped term is active, k3, the tokens), 0-d tensors on the loss's device, so that a training
+    step reads them back once (a GPU waits for nothing per micro-batch); divide by "tokens" for means.
     """
     mask_B_T = mask_B_T.to(logp_new_B_T.dtype)
     n_masked = mask_B_T.sum()
-    denom = float(num_tokens) if num_tokens is not None else float(n_masked.clamp(min=1.0))
+    denom = float(num_tokens) if num_tokens is not None else n_masked.clamp(min=1.0)
     ratio_B_T = torch.exp(logp_new_B_T - logp_old_B_T.detach())
     adv_B_1 = adv_B.detach().to(logp_new_B_T.dtype)[:, None]
     per_token_B_T = -ratio_B_T * adv_B_1
@@ -75,11 +77,6 @@ def pg_loss(logp_new_B_T: torch.Tensor, logp_old_B_T: torch.Tensor, adv_B: torch
         per_token_B_T = per_token_B_T + kl_coef * kl_B_T
     loss = (per_token_B_T * mask_B_T).sum() / denom
     with torch.no_grad():
-        n = float(n_masked.clamp(min=1.0))
-        stats = {
-            "ratio_mean": float((ratio_B_T * mask_B_T).sum()) / n,
-            "clip_frac": float((clipped_B_T.to(mask_B_T.dtype) * mask_B_T).sum()) / n,
-            "kl": float((kl_B_T * mask_B_T).sum()) / n,
-            "tokens": float(n_masked),
-        }
+        stats = {"ratio_sum": (ratio_B_T * mask_B_T).sum(), "clipped": (clipped_B_T.to(mask_B_T.dtype) * mask_B_T).sum(),
+                 "kl_sum": (kl_B_T * mask_B_T).sum(), "tokens": n_masked}
     return loss, stats

@@ -82,8 +82,9 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
     t0 = time.perf_counter()
     learner_mode(model)
     logprobs = _per_row_logprobs if checkpointing_on(model) else group_completion_logprobs
-    totals: dict[str, float] = {"loss": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0,
-                                "log_ratio_max": 0.0}
+    # per trained micro-batch: loss, Σ ratio, clipped tokens, Σ k3, tokens, max |log p_learner - log p_sampler|,
+    # kept on the device and read back once after the loop
+    sums: list[torch.Tensor] = []
     trained_tokens = 0
     per_micro = max(1, cfg.micro_batch_size // G)  # whole groups: each prompt runs once for its G completions
     n_micro = -(-len(train_groups) // per_micro)
@@ -114,12 +115,12 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
         loss.backward()
         with torch.no_grad():
             gap = ((logp_new_B_T - logp_old_B_T).abs() * mask_B_T.to(device)).max()
-            totals["log_ratio_max"] = max(totals["log_ratio_max"], float(gap))
-        totals["loss"] += float(loss.detach())
-        for k in ("ratio_mean", "clip_frac", "kl"):
-            totals[k] += stats[k] * stats["tokens"]
-        totals["tokens"] += stats["tokens"]
+            sums.append(torch.stack([t.float() for t in (loss.detach(), stats["ratio_sum"], stats["clipped"],
+                                                          stats["kl_sum"], stats["tokens"], gap)]))
         trained_tokens += sum(len(p) for p in group_prompt_ids) + int(mask_B_T.sum())
+    cols = list(zip(*torch.stack(sums).tolist())) if sums else [()] * 6  # the one read-back
+    totals = {k: float(sum(c)) for k, c in zip(("loss", "ratio_sum", "clipped", "kl_sum", "tokens"), cols)}
+    totals["log_ratio_max"] = max(cols[5], default=0.0)
     train_s = time.perf_counter() - t0
     model.eval()
 
@@ -130,10 +131,10 @@ def policy_gradient_step(model: torch.nn.Module, tokenizer, env: Env, problems: 
         "accuracy": float((rewards_N > 0).float().mean()),
         "frac_constant_groups": float(constant_P.float().mean()),
         "response_len": float(batch.lengths_N.float().mean()),
-        "ratio_mean": totals["ratio_mean"] / n_tok if train_rows else 1.0,
+        "ratio_mean": totals["ratio_sum"] / n_tok if train_rows else 1.0,
         "log_ratio_max": totals["log_ratio_max"],  # max |log p_learner - log p_sampler| over trained tokens
-        "clip_frac": totals["clip_frac"] / n_tok,
-        "kl": totals["kl"] / n_tok,
+        "clip_frac": totals["clipped"] / n_tok,
+        "kl": totals["kl_sum"] / n_tok,
         "entropy": _masked_mean(batch.entropy_N_T, batch.mask_N_T),
         "pg_loss": totals["loss"],
         "frac_no_answer": 1.0 - sum(g.found for g in grades) / len(grades),
