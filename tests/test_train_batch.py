@@ -117,3 +117,27 @@ def test_batch_larger_than_training_set_is_an_error_before_writing(tiny_llama_di
     with pytest.raises(UserError, match=r"field 'batch_size': 100 sequences per step, but .* has 36 training"):
         run_sft(cfg)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_eval_loss_does_not_depend_on_the_eval_batch_and_a_gpu_uses_bigger_ones(tiny_llama, packing):
+    """`eval_micro_batch`: a CPU keeps training's micro-batch, a GPU fills EVAL_TOKENS_PER_PROCESS tokens (never
+    fewer than the micro-batch); `evaluate` gives the same token-mean loss over batches of 2 rows or of 13."""
+    import torch
+
+    from regretless import data
+    from regretless.data.tokens import Tokenized
+    from regretless.train import EVAL_TOKENS_PER_PROCESS, eval_micro_batch, evaluate
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert eval_micro_batch(cpu, 8, 384) == 8
+    assert eval_micro_batch(gpu, 8, 384) == EVAL_TOKENS_PER_PROCESS // 384 == 85
+    assert eval_micro_batch(gpu, 128, 384) == 128 and eval_micro_batch(gpu, 4, 10**6) == 4
+    rng = random.Random(0)
+    toks = []
+    for _ in range(13):
+        n = rng.randint(3, 20)
+        toks.append(Tokenized([rng.randrange(3, 512) for _ in range(n)], [i >= n // 3 for i in range(n)]))
+    losses = [evaluate(tiny_llama, list(data.batches(toks, micro, 24, packing, 0, 0, 0)), cpu, None)
+              for micro in (2, 13)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -216,6 +216,19 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, amp: torch.d
     return out
 
 
+EVAL_TOKENS_PER_PROCESS = 32768  # a GPU's eval forward: rows x seq_len up to this, per process
+
+
+def eval_micro_batch(device: torch.device, micro: int, seq_len: int) -> int:
+    """Sequences per eval forward (summed over the ranks, like `micro`). On a GPU, where a small model's forward
+    costs its kernel launches rather than its FLOPs, as many as fill EVAL_TOKENS_PER_PROCESS tokens per process
+    at `seq_len` (an eval forward keeps no activations for backward), never fewer than training's `micro`; on a
+    CPU, where compute bounds it, `micro`. The eval loss is a sum over tokens, so it does not depend on this."""
+    if device.type != "cuda":
+        return micro
+    return max(micro, distributed.world() * max(1, EVAL_TOKENS_PER_PROCESS // seq_len))
+
+
 @torch.no_grad()
 def evaluate(model, eval_batches: list[dict], device, amp) -> float:
     model.eval()
@@ -265,7 +278,8 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
         raise UserError(f"field 'batch_size': {cfg.batch_size} sequences per step, more than the "
                         f"{len(train_tok)} training examples left after tokenization; lower batch_size")
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * per_epoch))
-    eval_batches = list(data.batches(eval_tok, micro, cfg.seq_len, cfg.packing, pad, cfg.seed, 0))
+    eval_batches = list(data.batches(eval_tok, eval_micro_batch(device, micro, cfg.seq_len), cfg.seq_len,
+                                     cfg.packing, pad, cfg.seed, 0))
     eval_at = log_spaced_steps(total, cfg.eval_points)
 
     lr = resolve_lr(cfg, model, total)
