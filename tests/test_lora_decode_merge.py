@@ -107,6 +107,7 @@ def test_fp32_with_low_precision_only_and_a_small_byte_budget_change_nothing():
 
 def test_training_inside_ignores_the_copies_and_an_error_drops_them():
     model = _adapted()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ref_n, _ = _gemms(model)
     with merged_for_decoding(model):
         n, out = _gemms(model)  # grad enabled: the adapter path, gradients reach A and B
@@ -116,8 +117,9 @@ def test_training_inside_ignores_the_copies_and_an_error_drops_them():
     with pytest.raises(RuntimeError, match="boom"), merged_for_decoding(model):
         raise RuntimeError("boom")
     assert all(m._decode_weight is None for _, m in lora_modules(model))
-    # the adapters were not changed by decoding: a step of training moves outputs as before
+    # decoding left the adapters and the base weights as they were (copies only, nothing merged in place)
     assert all(isinstance(m, LoRALinear) and not m.merged for _, m in lora_modules(model))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_the_sampler_decodes_from_merged_weights_in_bf16(tiny_tokenizer):

@@ -229,12 +229,11 @@ class LoRALinear(nn.Module):
         # until benchmarks/gpu_step.py's `rl-lora-catA` A/B shows it pays on a GPU
         self.concat_base_a = False
 
+    @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W + s·B·A as (d_out, d_in) in `dtype`, summed in fp32 and rounded once; the base weight is untouched."""
-        w = self.base_layer.weight.detach()
-        w = w.T if self.fan_in_fan_out else w
-        d = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-        return (w.float() + d).to(dtype)
+        w = self.base_layer.weight.float() + self.delta_weight()  # the base's own layout
+        return (w.T if self.fan_in_fan_out else w).to(dtype)
 
     @property
     def in_features(self) -> int:

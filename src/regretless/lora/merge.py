@@ -108,22 +108,20 @@ def merged_for_decoding(model: nn.Module, max_bytes: int | None = None, low_prec
     the compute dtype's rounding. Forwards with grad (training) ignore the copies. The copies cost one weight's
     bytes per adapted matrix: when that is over `max_bytes`, nothing changes. `low_precision_only`: only where
     the compute dtype is below fp32 (bf16, fp16). Routed-expert and bare-parameter adapters keep their own paths."""
-    mods = [m for _, m in lora_modules(model) if isinstance(m, LoRALinear) and m.enabled and not m.merged
-            and m._decode_weight is None]
-    dtypes = []
-    for m in mods:
+    def compute_dtype(m: LoRALinear) -> torch.dtype:
         dev = m.base_layer.weight.device.type
-        dtypes.append(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else m.base_layer.weight.dtype)
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else m.base_layer.weight.dtype
+
+    todo = [(m, compute_dtype(m)) for _, m in lora_modules(model)
+            if isinstance(m, LoRALinear) and m.enabled and not m.merged and m._decode_weight is None]
     if low_precision_only:
-        mods, dtypes = [m for m, dt in zip(mods, dtypes) if dt.itemsize < 4], [dt for dt in dtypes if dt.itemsize < 4]
-    need = sum(m.out_features * m.in_features * dt.itemsize for m, dt in zip(mods, dtypes))
-    if max_bytes is not None and need > max_bytes:
-        mods = []
+        todo = [(m, dt) for m, dt in todo if dt.itemsize < 4]
+    if max_bytes is not None and sum(m.out_features * m.in_features * dt.itemsize for m, dt in todo) > max_bytes:
+        todo = []
     try:
-        with torch.no_grad():
-            for m, dt in zip(mods, dtypes):
-                m._decode_weight = m.merged_weight(dt)
+        for m, dt in todo:
+            m._decode_weight = m.merged_weight(dt)
         yield model
     finally:
-        for m in mods:
+        for m, _ in todo:
             m._decode_weight = None

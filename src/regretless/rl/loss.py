@@ -77,6 +77,7 @@ def pg_loss(logp_new_B_T: torch.Tensor, logp_old_B_T: torch.Tensor, adv_B: torch
         per_token_B_T = per_token_B_T + kl_coef * kl_B_T
     loss = (per_token_B_T * mask_B_T).sum() / denom
     with torch.no_grad():
-        stats = {"ratio_sum": (ratio_B_T * mask_B_T).sum(), "clipped": (clipped_B_T.to(mask_B_T.dtype) * mask_B_T).sum(),
+        stats = {"ratio_sum": (ratio_B_T * mask_B_T).sum(),
+                 "clipped": (clipped_B_T.to(mask_B_T.dtype) * mask_B_T).sum(),
                  "kl_sum": (kl_B_T * mask_B_T).sum(), "tokens": n_masked}
     return loss, stats

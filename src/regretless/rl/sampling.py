@@ -116,91 +116,84 @@ def sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]]
     device = next(model.parameters()).device
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     with merged_for_decoding(model, max_bytes=None if free is None else free // 4, low_precision_only=True):
-        return _sample(model, tokenizer, prompts_token_ids, n, max_new_tokens, temperature, top_p, stop,
-                       eos_token_ids, generator, pad_token_id, device, t0)
+        if eos_token_ids is None:
+            eos = tokenizer.eos_token_id
+            eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        eos_set = set(eos_token_ids)
+        if pad_token_id is None:
+            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
+        stop = [s for s in stop if s]
+        tail_tokens = max((len(s) for s in stop), default=0) + 2
 
+        ids_P_L, attn_P_L = left_pad(prompts_token_ids, pad_token_id)
+        ids_P_L, attn_P_L = ids_P_L.to(device), attn_P_L.to(device)
+        cache = DynamicCache(config=model.config)
+        ckw = cache_kw(model)
+        out = model(input_ids=ids_P_L, attention_mask=attn_P_L, position_ids=_positions(attn_P_L),
+                    **{ckw: cache}, use_cache=True, logits_to_keep=1)
+        N = len(prompts_token_ids) * n
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        logits_A_V = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # A = rows still alive
+        attn_A_L = attn_P_L.repeat_interleave(n, dim=0)
+        pos_A = _positions(attn_P_L)[:, -1].repeat_interleave(n, dim=0)
+        alive_A = torch.arange(N, device=device)
 
-def _sample(model: torch.nn.Module, tokenizer, prompts_token_ids: list[list[int]], n: int, max_new_tokens: int,
-            temperature: float, top_p: float, stop: tuple[str, ...] | list[str], eos_token_ids: list[int] | None,
-            generator: Any, pad_token_id: int | None, device: torch.device, t0: float) -> SampleBatch:
-    if eos_token_ids is None:
-        eos = tokenizer.eos_token_id
-        eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    eos_set = set(eos_token_ids)
-    if pad_token_id is None:
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
-    stop = [s for s in stop if s]
-    tail_tokens = max((len(s) for s in stop), default=0) + 2
+        tokens_N_T = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        logp_N_T = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
+        entropy_N_T = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
+        # the host keeps each row's ids and which rows are alive: one wait for the device a step (the drawn ids), where
+        # reading them back per row (stop strings) and the done/any/all masks on the device waited up to N + 4 times
+        ids_N: list[list[int]] = [[] for _ in range(N)]
+        alive = list(range(N))  # = alive_A, on the host
+        stopped = [False] * N
+        for t in range(max_new_tokens):
+            logp_A_V = torch.log_softmax(logits_A_V, dim=-1)  # the temperature-1 policy
+            gen = generator
+            if isinstance(generator, list):  # rows alive per prompt (rows stay prompt-major)
+                counts = [0] * len(prompts_token_ids)
+                for row in alive:
+                    counts[row // n] += 1
+                gen = (generator, counts)
+            tok_A, logq_A = _draw(logits_A_V, temperature, top_p, gen)
+            tokens_N_T[alive_A, t] = tok_A
+            logp_N_T[alive_A, t] = logq_A
+            entropy_N_T[alive_A, t] = -(logp_A_V.exp() * logp_A_V).sum(-1)
+            done = []
+            for row, tok in zip(alive, tok_A.tolist()):
+                ids_N[row].append(tok)
+                done.append(tok in eos_set)
+            if stop:  # the tail of each row that did not just end: one batched decode
+                check = [a for a, d in enumerate(done) if not d]
+                tails = tokenizer.batch_decode([ids_N[alive[a]][-tail_tokens:] for a in check])
+                for a, tail in zip(check, tails):
+                    done[a] = any(s in tail for s in stop)
+            for row, d in zip(alive, done):
+                stopped[row] = stopped[row] or d
+            if t == max_new_tokens - 1 or all(done):
+                break
+            if any(done):
+                keep = [a for a, d in enumerate(done) if not d]
+                keep_A = torch.tensor(keep, device=device)
+                cache.batch_select_indices(keep_A)
+                alive = [alive[a] for a in keep]
+                alive_A, tok_A, attn_A_L, pos_A = alive_A[keep_A], tok_A[keep_A], attn_A_L[keep_A], pos_A[keep_A]
+            attn_A_L = torch.cat([attn_A_L, attn_A_L.new_ones((len(alive), 1))], dim=1)
+            pos_A = pos_A + 1
+            out = model(input_ids=tok_A[:, None], attention_mask=attn_A_L, position_ids=pos_A[:, None],
+                        **{ckw: cache}, use_cache=True)
+            logits_A_V = out.logits[:, -1].float()
 
-    ids_P_L, attn_P_L = left_pad(prompts_token_ids, pad_token_id)
-    ids_P_L, attn_P_L = ids_P_L.to(device), attn_P_L.to(device)
-    cache = DynamicCache(config=model.config)
-    ckw = cache_kw(model)
-    out = model(input_ids=ids_P_L, attention_mask=attn_P_L, position_ids=_positions(attn_P_L),
-                **{ckw: cache}, use_cache=True, logits_to_keep=1)
-    N = len(prompts_token_ids) * n
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-    logits_A_V = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # A = rows still alive
-    attn_A_L = attn_P_L.repeat_interleave(n, dim=0)
-    pos_A = _positions(attn_P_L)[:, -1].repeat_interleave(n, dim=0)
-    alive_A = torch.arange(N, device=device)
-
-    tokens_N_T = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logp_N_T = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
-    entropy_N_T = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
-    # the host keeps each row's ids and which rows are alive: one wait for the device a step (the drawn ids), where
-    # reading them back per row (stop strings) and the done/any/all masks on the device waited up to N + 4 times
-    ids_N: list[list[int]] = [[] for _ in range(N)]
-    alive = list(range(N))  # = alive_A, on the host
-    stopped = [False] * N
-    for t in range(max_new_tokens):
-        logp_A_V = torch.log_softmax(logits_A_V, dim=-1)  # the temperature-1 policy
-        gen = generator
-        if isinstance(generator, list):  # rows alive per prompt (rows stay prompt-major)
-            counts = [0] * len(prompts_token_ids)
-            for row in alive:
-                counts[row // n] += 1
-            gen = (generator, counts)
-        tok_A, logq_A = _draw(logits_A_V, temperature, top_p, gen)
-        tokens_N_T[alive_A, t] = tok_A
-        logp_N_T[alive_A, t] = logq_A
-        entropy_N_T[alive_A, t] = -(logp_A_V.exp() * logp_A_V).sum(-1)
-        done = []
-        for row, tok in zip(alive, tok_A.tolist()):
-            ids_N[row].append(tok)
-            done.append(tok in eos_set)
-        if stop:  # the tail of each row that did not just end: one batched decode
-            check = [a for a, d in enumerate(done) if not d]
-            tails = tokenizer.batch_decode([ids_N[alive[a]][-tail_tokens:] for a in check])
-            for a, tail in zip(check, tails):
-                done[a] = any(s in tail for s in stop)
-        for row, d in zip(alive, done):
-            stopped[row] = stopped[row] or d
-        if t == max_new_tokens - 1 or all(done):
-            break
-        if any(done):
-            keep = [a for a, d in enumerate(done) if not d]
-            keep_A = torch.tensor(keep, device=device)
-            cache.batch_select_indices(keep_A)
-            alive = [alive[a] for a in keep]
-            alive_A, tok_A, attn_A_L, pos_A = alive_A[keep_A], tok_A[keep_A], attn_A_L[keep_A], pos_A[keep_A]
-        attn_A_L = torch.cat([attn_A_L, attn_A_L.new_ones((len(alive), 1))], dim=1)
-        pos_A = pos_A + 1
-        out = model(input_ids=tok_A[:, None], attention_mask=attn_A_L, position_ids=pos_A[:, None],
-                    **{ckw: cache}, use_cache=True)
-        logits_A_V = out.logits[:, -1].float()
-
-    lengths_N = torch.tensor([len(ids) for ids in ids_N], dtype=torch.long)
-    T = int(lengths_N.max()) if N else 0
-    mask_N_T = torch.arange(T)[None, :] < lengths_N[:, None]
-    texts = []
-    for text in tokenizer.batch_decode(ids_N, skip_special_tokens=True):
-        cuts = [text.find(s) for s in stop if s in text]
-        texts.append(text[:min(cuts)] if cuts else text)
-    return SampleBatch(tokens_N_T[:, :T].cpu(), logp_N_T[:, :T].cpu(), entropy_N_T[:, :T].cpu(),
-                       mask_N_T, lengths_N, torch.tensor(stopped, dtype=torch.bool), texts,
-                       torch.arange(len(prompts_token_ids)).repeat_interleave(n), time.perf_counter() - t0)
+        lengths_N = torch.tensor([len(ids) for ids in ids_N], dtype=torch.long)
+        T = int(lengths_N.max()) if N else 0
+        mask_N_T = torch.arange(T)[None, :] < lengths_N[:, None]
+        texts = []
+        for text in tokenizer.batch_decode(ids_N, skip_special_tokens=True):
+            cuts = [text.find(s) for s in stop if s in text]
+            texts.append(text[:min(cuts)] if cuts else text)
+        return SampleBatch(tokens_N_T[:, :T].cpu(), logp_N_T[:, :T].cpu(), entropy_N_T[:, :T].cpu(),
+                           mask_N_T, lengths_N, torch.tensor(stopped, dtype=torch.bool), texts,
+                           torch.arange(len(prompts_token_ids)).repeat_interleave(n), time.perf_counter() - t0)
 
 
 def completion_logprobs(model: torch.nn.Module, prompts_token_ids: list[list[int]], tokens_N_T: torch.Tensor,
