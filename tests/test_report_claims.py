@@ -134,34 +134,44 @@ def test_placement_three_verdicts(tmp_path, attn_lag, sd, verdict):
 
 
 # ---- RL ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("lora_acc,full_acc,verdict", [(0.55, 0.56, S.HELD), (0.40, 0.62, S.NOT_HELD),
-                                                       (0.31, 0.31, S.INCONCLUSIVE)])
+@pytest.mark.parametrize("lora_acc,full_acc,verdict", [(0.57, 0.56, S.HELD), (0.40, 0.62, S.NOT_HELD),
+                                                       (0.44, 0.50, S.NOT_HELD), (0.31, 0.31, S.INCONCLUSIVE)])
 def test_rl_three_verdicts(tmp_path, lora_acc, full_acc, verdict):
-    rl_arm(tmp_path, "full", None, 1e-4, full_acc, n_eval=2000, sd=0.003)
-    rl_arm(tmp_path, "r1", 1, 1e-3, lora_acc, n_eval=2000, sd=0.003)
+    """Base 0.30. The margin is 10% of FullFT's gain over the base: FullFT 0.50 (gain 0.20) and rank 1 0.44 is
+    -0.06 [-0.08, -0.04], wholly below -0.02 (rank 1 learned 70% of what FullFT learned): did not hold, where a
+    fixed margin of 0.10 accuracy points would call it held."""
+    rl_arm(tmp_path, "full", None, 1e-4, full_acc, n_eval=8000, sd=0.003)
+    rl_arm(tmp_path, "r1", 1, 1e-3, lora_acc, n_eval=8000, sd=0.003)
     c = claim(tmp_path, "rl")
     assert c["verdict"] == verdict, c
     if verdict == S.INCONCLUSIVE:
         assert "nothing learned" in c["reason"]  # FullFT did not beat the base: no comparison to make
+        return
+    gain = c["fullft_gain"]
+    assert gain == pytest.approx(full_acc - 0.3, abs=0.01) and c["margin"] == pytest.approx(C.RL_MARGIN * gain)
+    lo, hi = c["interval"]
+    assert (lo >= -c["margin"]) if verdict == S.HELD else (hi < -c["margin"]), c
 
 
-@pytest.mark.parametrize("n_eval", [150, 4000])
+@pytest.mark.parametrize("n_eval", [400, 4000])
 def test_rl_says_when_the_eval_set_is_too_small_to_decide(tmp_path, n_eval):
-    """LoRA and FullFT end equal (0.50): the difference's interval at 150 held-out problems is wider than the
-    10-point margin, so the claim is inconclusive and says how many problems would decide it: run with that
-    many, the same results give a half-width of half the margin; at 4,000 it held."""
-    rl_arm(tmp_path, "full", None, 1e-4, 0.5, n_eval=n_eval, sd=0.0)
-    rl_arm(tmp_path, "r1", 1, 1e-3, 0.5, n_eval=n_eval, sd=0.0)
+    """Base 0, LoRA and FullFT end equal (0.50): the margin is 0.05 (10% of FullFT's gain 0.5). The
+    difference's interval at 400 held-out problems is wider than the margin, so the claim is inconclusive and
+    says how many problems would decide it: run with that many, the same results give a half-width of half the
+    margin; at 4,000 it held."""
+    rl_arm(tmp_path, "full", None, 1e-4, 0.5, base=0.0, n_eval=n_eval, sd=0.0)
+    rl_arm(tmp_path, "r1", 1, 1e-3, 0.5, base=0.0, n_eval=n_eval, sd=0.0)
     c = claim(tmp_path, "rl")
-    if n_eval == 150:
+    assert c["margin"] == pytest.approx(0.05)
+    if n_eval == 400:
         assert c["verdict"] == S.INCONCLUSIVE and "cannot decide" in c["reason"], c
-        assert c["interval_half_width"] > C.RL_MARGIN
+        assert c["interval_half_width"] > c["margin"]
         need = c["eval_size_needed"]
-        assert 769 <= need < 2000  # 1.96 * sqrt(2 * 0.25 / n) = 0.05 at n = 769; a t quantile asks a bit more
-        rl_arm(tmp_path / "more", "full", None, 1e-4, 0.5, n_eval=need, sd=0.0)
-        rl_arm(tmp_path / "more", "r1", 1, 1e-3, 0.5, n_eval=need, sd=0.0)
+        assert 3073 <= need < 4000  # 1.96 * sqrt(2 * 0.25 / n) = 0.025 at n = 3073; a t quantile asks a bit more
+        rl_arm(tmp_path / "more", "full", None, 1e-4, 0.5, base=0.0, n_eval=need, sd=0.0)
+        rl_arm(tmp_path / "more", "r1", 1, 1e-3, 0.5, base=0.0, n_eval=need, sd=0.0)
         again = claim(tmp_path / "more", "rl")
-        assert C.RL_MARGIN / 2 * 0.99 <= again["interval_half_width"] <= C.RL_MARGIN / 2, again
+        assert c["margin"] / 2 * 0.99 <= again["interval_half_width"] <= c["margin"] / 2, again
         assert again["verdict"] == S.HELD
     else:
         assert c["verdict"] == S.HELD and "eval_size_needed" not in c, c
@@ -186,25 +196,25 @@ def test_rl_seed_noise_is_the_optima_own_spread_once_they_have_confirmation_seed
     (checked against scipy), and the claim holds; the pooled interval is still reported."""
     from scipy import stats as st
 
-    rl_arm(tmp_path, "full", None, 1e-4, 0.60, n_eval=2000, sd=0.002, opt_seeds=opt_seeds, sd_far=0.15)
-    rl_arm(tmp_path, "r1", 1, 1e-3, 0.59, n_eval=2000, sd=0.002, opt_seeds=opt_seeds, sd_far=0.15)
+    rl_arm(tmp_path, "full", None, 1e-4, 0.60, n_eval=8000, sd=0.002, opt_seeds=opt_seeds, sd_far=0.15)
+    rl_arm(tmp_path, "r1", 1, 1e-3, 0.60, n_eval=8000, sd=0.002, opt_seeds=opt_seeds, sd_far=0.15)
     c = claim(tmp_path, "rl")
     if not opt_seeds:
         assert c["verdict"] == S.INCONCLUSIVE and "seed_noise" not in c, c
-        assert c["interval"][1] - c["interval"][0] > 2 * C.RL_MARGIN
+        assert c["interval"][1] - c["interval"][0] > 2 * c["margin"]
         return
     arms = A.arms(A.load_runs(tmp_path))
     vf, vl = arms["rl-full"].scores()[1e-4], arms["rl-r1"].scores()[1e-3]
     assert len(vf) == len(vl) == 4
     ref = st.ttest_ind(vl, vf, equal_var=False)  # Welch: its df; the variance from the seeds by hand
     pf, pl = float(np.mean(vf)), float(np.mean(vl))
-    var = np.var(vf, ddof=1) / 4 + np.var(vl, ddof=1) / 4 + (pf * (1 - pf) + pl * (1 - pl)) / 2000
+    var = np.var(vf, ddof=1) / 4 + np.var(vl, ddof=1) / 4 + (pf * (1 - pf) + pl * (1 - pl)) / 8000
     h = st.t.ppf(0.975, ref.df) * math.sqrt(var)
     assert c["effect"] == pytest.approx(pl - pf)
     assert c["interval"] == pytest.approx([pl - pf - h, pl - pf + h], rel=1e-9)
     assert c["seed_noise"]["df"] == pytest.approx(ref.df)
     pooled = c["seed_noise"]["interval_pooled_sd"]
-    assert pooled[1] - pooled[0] > 2 * C.RL_MARGIN and "pooled over all LRs" in c["measured"]
+    assert pooled[1] - pooled[0] > 2 * c["margin"] and "pooled over all LRs" in c["measured"]
     assert c["verdict"] == S.HELD, c
 
 
