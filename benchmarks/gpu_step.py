@@ -20,9 +20,7 @@ Methods
                  the experts' gate/up pair turned off (A/B of those changes); `-plaince` = the same with the
                  plain chunked cross-entropy, every chunk's fp32 logits kept for backward (A/B of the fused loss);
                  `-fusednode+compile` = compiled with each dense adapter's own fused autograd node (LoRA term
-                 accumulated inside the GEMMs) traced into the blocks instead of plain ops (A/B);
-                 `-catA+compile` = compiled with base and A projections from one GEMM against [W; A]
-                 (`LoRALinear.concat_base_a`: x read once, the input gradients of both from one GEMM) (A/B)
+                 accumulated inside the GEMMs) traced into the blocks instead of plain ops (A/B)
   peft           transformers + PEFT LoRA (target_modules, and target_parameters for fused experts), HF loss
   +compile       regretless: `torch.compile` of each decoder block and of the fused head's softmax, as the
                  trainer's `compile=true` does (`train.compile_blocks`); PEFT: of the transformer trunk, as a
@@ -116,7 +114,6 @@ def cases(tiny: bool) -> list[Case]:
         # adapters' matmuls run in fp32); information only, the targets compare with PEFT under autocast
         Case("dense", d, "peft-plain", B, T, est_s=30), Case("moe", m, "peft-plain", B, T, est_s=60),
         Case("dense", d, "rl-lora-fusednode", B, T, compile=True, est_s=60),
-        Case("dense", d, "rl-lora-catA", B, T, compile=True, est_s=60),
     ]
 
 
@@ -178,9 +175,8 @@ def run_case(c: Case, args, device: str) -> dict:
         apply_lora(model, lcfg)
         set_group_fusion(model, c.method != "rl-lora-nogroup")
         for _, mod in lora_modules(model):
-            if hasattr(mod, "concat_base_a"):  # the dense adapters (LoRALinear)
+            if hasattr(mod, "fused_when_compiled"):  # the dense adapters (LoRALinear)
                 mod.fused_when_compiled = c.method == "rl-lora-fusednode"
-                mod.concat_base_a = c.method == "rl-lora-catA"
         groups = param_groups(model, 1e-5)
     elif peft:
         model = peft_model(model, moe, args.rank)
@@ -338,7 +334,7 @@ def ab_lines(rows: list[dict]) -> list[str]:
     out = []
     for (sec, m), r in ok.items():
         base = ok.get((sec, "rl-lora+compile" if "+compile" in m else "rl-lora"))
-        if not base or m.split("+")[0] not in ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode", "rl-lora-catA"):
+        if not base or m.split("+")[0] not in ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode"):
             continue
         mem = (f", peak memory {base['peak_mem_gib']:.1f} vs {r['peak_mem_gib']:.1f} GiB "
                f"({base['peak_mem_gib'] / r['peak_mem_gib']:.2f}x)") if r["peak_mem_gib"] else ""

@@ -15,18 +15,17 @@ from regretless.lora import LoRAConfig, apply_lora, lora_modules
 from regretless.train import compile_blocks
 
 
-@pytest.mark.parametrize("fused", ["plain", "node", "concat"], ids=["plain-ops", "fused-node", "concat-base-a"])
+@pytest.mark.parametrize("fused", ["plain", "node"], ids=["plain-ops", "fused-node"])
 @pytest.mark.parametrize("config", [tiny_llama_config, tiny_qwen3_moe_config], ids=["llama", "qwen3-moe"])
 def test_compiled_blocks_match_eager_loss_and_adapter_gradients(config, fused, monkeypatch):
-    """The three ways a dense adapter runs in a compiled block: plain ops, its own fused autograd node
-    (`LoRALinear.fused_when_compiled`), or base and A from one GEMM (`concat_base_a`), traced by dynamo."""
+    """The two ways a dense adapter runs in a compiled block: plain ops, or its own fused autograd node
+    (`LoRALinear.fused_when_compiled`), traced by dynamo."""
     monkeypatch.setattr(lm, "COMPILE_BACKEND", "aot_eager")
     model = build_model(config(_attn_implementation="sdpa"))
     apply_lora(model, LoRAConfig(rank=4, alpha=32, targets="all"))
     for _, m in lora_modules(model):
         if hasattr(m, "fused_when_compiled"):
             m.fused_when_compiled = fused == "node"
-            m.concat_base_a = fused == "concat"
     gen = torch.Generator().manual_seed(1)
     for n, p in model.named_parameters():
         if "lora_B" in n:  # B = 0 at init would leave A's gradient zero: give B values so every term counts

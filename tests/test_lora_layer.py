@@ -234,53 +234,6 @@ def test_lora_linear_takes_the_fused_path_with_the_same_result(dtype, tol):
     assert _rel(lora.lora_A.grad, want["dA"]) <= tol and _rel(lora.lora_B.grad, want["dB"]) <= tol
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-def test_concat_base_a_path_against_float64(dtype, tol, bias):
-    """`concat_base_a`: base and A projections from one GEMM against [W; A] (_LoRABaseAFn), with the float64
-    formulas' output and gradients; A alone gets a gradient there, the frozen W none."""
-    _, want, (x, W, b, A, B, gy, s) = _fn_case(torch.float64, bias, seed=5)
-    base = nn.Linear(W.shape[1], W.shape[0], bias=bias).to(dtype)
-    with torch.no_grad():
-        base.weight.copy_(W)
-        if bias:
-            base.bias.copy_(b)
-    base.requires_grad_(False)
-    lora = LoRALinear(base, rank=A.shape[0], scale=s)
-    lora.concat_base_a = True
-    with torch.no_grad():
-        lora.lora_A.copy_(A)
-        lora.lora_B.copy_(B)
-    xx = x.detach().to(dtype).requires_grad_(True)
-    y = lora(xx.reshape(1, *xx.shape))[0]
-    fns, todo = set(), [y.grad_fn]
-    while todo:
-        f = todo.pop()
-        fns.add(type(f).__name__)
-        todo += [n for n, _ in f.next_functions if n is not None]
-    assert "_LoRABaseAFnBackward" in fns and "_LoRALinearFnBackward" not in fns
-    y.backward(gy.to(dtype))
-    assert y.dtype == dtype and base.weight.grad is None
-    assert _rel(y, want["y"]) <= tol and _rel(xx.grad, want["dx"]) <= tol
-    assert _rel(lora.lora_A.grad, want["dA"]) <= tol and _rel(lora.lora_B.grad, want["dB"]) <= tol
-
-
-def test_concat_base_a_on_a_conv1d_base():
-    from transformers.pytorch_utils import Conv1D
-
-    torch.manual_seed(0)
-    base = Conv1D(7, 5)
-    nn.init.normal_(base.bias)
-    base.requires_grad_(False)
-    lora = LoRALinear(base, rank=2, scale=3.0)
-    with torch.no_grad():
-        lora.lora_B.normal_()
-    x = torch.randn(3, 5)
-    want = x @ base.weight + base.bias + 3.0 * (x @ lora.lora_A.T) @ lora.lora_B.T
-    lora.concat_base_a = True
-    torch.testing.assert_close(lora(x), want)
-
-
 def test_conv1d_base_fan_in_fan_out():
     """transformers' Conv1D stores W as (d_in, d_out): y = x·W + b + s·(x·Aᵀ)·Bᵀ; merge adds ΔWᵀ."""
     from transformers.pytorch_utils import Conv1D

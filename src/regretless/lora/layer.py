@@ -53,27 +53,6 @@ class _LoRALinearFn(torch.autograd.Function):
         return dx, None, None, dA, dB, None
 
 
-class _LoRABaseAFn(torch.autograd.Function):
-    """z = x·[W; A]ᵀ, (N, d_out + r): the frozen base's output and x·Aᵀ from one GEMM, so x is read once and the
-    A projection rides on a compute-bound GEMM instead of a memory-bound one of its own. Backward: dx = g_z·[W; A]
-    (one GEMM gives the base's input gradient and the LoRA path's, summed) and dA = g_z[:, d_out:]ᵀ·x. W frozen;
-    all inputs share one dtype. `LoRALinear.concat_base_a` selects it; the caller adds s·z[:, d_out:]·Bᵀ."""
-
-    @staticmethod
-    def forward(ctx, x_N_in, W, A):
-        WA = torch.cat([W, A])  # (d_out + r, d_in), held for backward
-        ctx.save_for_backward(x_N_in, WA)
-        ctx.d_out = W.shape[0]
-        return x_N_in @ WA.T
-
-    @staticmethod
-    def backward(ctx, g_N_z):
-        x, WA = ctx.saved_tensors
-        dx = g_N_z @ WA if ctx.needs_input_grad[0] else None
-        dA = g_N_z[:, ctx.d_out:].T @ x if ctx.needs_input_grad[2] else None
-        return dx, None, dA
-
-
 class _LoRAGroupFn(torch.autograd.Function):
     """Members i = 1..n share x: xa = x·A_catᵀ (one GEMM, A_cat = [A_1; ...; A_n]), y_i = x·W_iᵀ (+ b_i) +
     s_i·xa_i·B_iᵀ. Backward: dx = Σ g_i·W_i + [s_i·g_i·B_i]_i·A_cat accumulated in place (addmm_, beta = 1),
@@ -225,9 +204,6 @@ class LoRALinear(nn.Module):
         self.fused_when_compiled = False  # under torch.compile: the fused node (True) or plain ops inductor fuses
         self._group: SharedInputGroup | None = None
         self._decode_weight: torch.Tensor | None = None  # W + s·B·A, set by merge.merged_for_decoding
-        # base and A projections from one GEMM against [W; A] (`_LoRABaseAFn`), eager and compiled; off by default
-        # until benchmarks/gpu_step.py's `rl-lora-catA` A/B shows it pays on a GPU
-        self.concat_base_a = False
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -285,14 +261,6 @@ class LoRALinear(nn.Module):
         if self.fan_in_fan_out:
             W = W.T  # (d_out, d_in) view
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
-        if self.concat_base_a and not W.requires_grad and (bias is None or not bias.requires_grad):
-            d_out = W.shape[0]
-            with torch.autocast(dev, enabled=False):
-                z = _LoRABaseAFn.apply(x.reshape(-1, x.shape[-1]).to(dt), W.to(dt), self.lora_A.to(dt))
-                y = z[:, :d_out] + self.scale * (z[:, d_out:] @ self.lora_B.to(dt).T)
-                if bias is not None:
-                    y = y + bias.to(dt)
-            return y.reshape(*x.shape[:-1], d_out)
         if (W.requires_grad or (bias is not None and bias.requires_grad)  # base also trained
                 or (torch.compiler.is_compiling() and not self.fused_when_compiled)):  # inductor fuses the plain ops
             h = x.to(dt)
