@@ -410,3 +410,32 @@ def test_old_style_modulelist_moe_gets_the_expert_rank(tmp_path):
         base = build_list_moe()(ids).logits
     assert (want - base).abs().max() > 1e-2
     assert (want - got).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_routing_moves_rows_by_gathers_in_both_directions(top_k):
+    """Routing.to_slots (tokens -> slots in expert order) and to_tokens (slots -> tokens, K rows summed) against
+    plain indexing in float64, values and gradients (torch.autograd.gradcheck); their backward runs gathers, not
+    indexing's scatter-add into zeros (IndexBackward)."""
+    from regretless.lora.experts import Routing
+
+    T, E, H = 7, 4, 5
+    g = torch.Generator().manual_seed(top_k)
+    idx = torch.stack([torch.randperm(E + 1, generator=g)[:top_k] for _ in range(T)])  # E: an unrouted sentinel
+    route = Routing(idx, E, "loop")
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(T * top_k, H, dtype=torch.float64, requires_grad=True)
+    slots = route.to_slots(x)
+    torch.testing.assert_close(slots, x[route.order_S // top_k], rtol=0, atol=0)
+    unsorted = torch.empty_like(y)
+    unsorted[route.order_S] = y  # row s of y belongs to slot order_S[s] = t·K + k
+    torch.testing.assert_close(route.to_tokens(y), unsorted.view(T, top_k, H).sum(1))
+    assert torch.autograd.gradcheck(route.to_slots, (x,))
+    assert torch.autograd.gradcheck(route.to_tokens, (y,))
+    for out in (route.to_slots(x), route.to_tokens(y)):
+        names, todo = set(), [out.grad_fn]
+        while todo:
+            f = todo.pop()
+            names.add(type(f).__name__)
+            todo += [n for n, _ in f.next_functions if n is not None]
+        assert not any(n.startswith("Index") for n in names), names

@@ -144,6 +144,39 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, compiling: bool = False) ->
         x.shape[-1] % align == 0 and w.shape[-1] % align == 0
 
 
+class _SlotsByExpert(torch.autograd.Function):
+    """x_S[s] = x[order[s] // K]: each token's row copied to its K slots, slots in expert order. The backward
+    gathers the gradient back to slot order (g[inverse]) and sums each token's K rows in fp32, where indexing's
+    own backward scatter-adds into zeros (atomics on CUDA: a fill, a scatter, and an order-dependent sum)."""
+
+    @staticmethod
+    def forward(ctx, x_T_H, order_S, inverse_S, K: int):
+        ctx.save_for_backward(inverse_S)
+        ctx.K = K
+        return x_T_H[order_S // K]
+
+    @staticmethod
+    def backward(ctx, g_S_H):
+        (inverse_S,) = ctx.saved_tensors
+        g = g_S_H[inverse_S].view(-1, ctx.K, g_S_H.shape[-1]).sum(dim=1, dtype=torch.float32)
+        return g.to(g_S_H.dtype), None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """y[idx] for a permutation idx whose inverse is inv: the backward is the gather g[inv] (row j of x went to
+    row i with idx[i] = j), not a scatter-add into zeros."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv):
+        ctx.save_for_backward(inv)
+        return x[idx]
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g[inv], None, None
+
+
 class Routing:
     """Slots (token, k) sorted by expert, with the counts that grouped matmuls need.
 
@@ -157,13 +190,24 @@ class Routing:
         self.expert_S, self.order_S = torch.sort(expert_S, stable=True)  # sentinel ids (>= E) sort last
         self.valid_S = self.expert_S < E  # (S,) slots routed to a local expert
         self.expert_c = self.expert_S.clamp(max=E - 1)  # in-bounds ids for gathers (invalid rows are masked)
-        self.token_S = self.order_S // self.K
+        self.inverse_S = torch.empty_like(self.order_S)  # slot j of the input order sits at row inverse_S[j]
+        self.inverse_S[self.order_S] = torch.arange(self.order_S.shape[0], device=self.order_S.device)
         counts = torch.zeros(E + 1, dtype=torch.int64, device=expert_S.device)
         counts.scatter_add_(0, self.expert_S.clamp(0, E), torch.ones_like(self.expert_S))
         self.offsets_E = torch.cumsum(counts[:E], 0).to(torch.int32)  # end row of each expert's group
         self.mode = mode
         self.counts: list[int] | None = counts[:E].tolist() if mode == "loop" else None
         self.n_experts = E
+
+    def to_slots(self, x_T_H: torch.Tensor) -> torch.Tensor:
+        """(T, H) token rows -> (S, H) rows in expert order (row s: token order_S[s] // K)."""
+        return _SlotsByExpert.apply(x_T_H, self.order_S, self.inverse_S, self.K)
+
+    def to_tokens(self, y_S_H: torch.Tensor) -> torch.Tensor:
+        """(S, H) rows in expert order -> (T, H): each token's K rows summed (in the input order of its slots, so
+        the sum is deterministic)."""
+        y = _PermuteRows.apply(y_S_H, self.inverse_S, self.order_S)  # back to slot order t·K + k
+        return y.view(-1, self.K, y.shape[-1]).sum(dim=1)
 
     def mm(self, x_S: torch.Tensor, w_E_in_out: torch.Tensor) -> torch.Tensor:
         """Row s of the result is x[s] @ w[expert(s)]; rows of invalid slots are unspecified (mask them)."""
@@ -291,14 +335,13 @@ class LoRAExperts(nn.Module):
             return self._forward_batched(hidden_states)
         return self._forward_routed(hidden_states, top_k_index, top_k_weights)
 
-    def _forward_routed(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        T, H = hidden_states.shape  # (T, H)
+    def _forward_routed(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:  # hidden_states (T, H)
         base, lay = self.base_layer, self.layout
         w_first = self._w_in_out(lay.first)
         route = Routing(top_k_index, lay.n_experts, routing_mode(hidden_states.to(w_first.dtype), w_first))
         dtype = w_first.dtype
         valid = route.valid_S.unsqueeze(-1)  # (S, 1); masks (not boolean indexing) keep shapes static
-        x_S = torch.where(valid, hidden_states[route.token_S].to(dtype), 0)  # (S, H) in expert order
+        x_S = torch.where(valid, route.to_slots(hidden_states).to(dtype), 0)  # (S, H) in expert order
         h = route.mm(x_S, w_first)  # (S, m·I)
         if lay.bias:
             h = h + getattr(base, f"{lay.first}_bias")[route.expert_c]
@@ -316,10 +359,7 @@ class LoRAExperts(nn.Module):
             y = base.post_expert_norm(y)
         w_S = top_k_weights.reshape(-1)[route.order_S]  # (S,)
         y = torch.where(valid, y.float(), 0.0) * w_S.unsqueeze(-1).float()  # (S, H)
-        inverse = torch.empty_like(route.order_S)
-        inverse[route.order_S] = torch.arange(route.order_S.shape[0], device=inverse.device)
-        out = y[inverse].view(T, route.K, H).sum(dim=1)  # deterministic per-token sum over its K slots
-        return out.to(hidden_states.dtype)
+        return route.to_tokens(y).to(hidden_states.dtype)  # (T, H)
 
     def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         lay = self.layout
