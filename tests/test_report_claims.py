@@ -192,8 +192,9 @@ def test_rl_binomial_uses_the_problems_the_trainer_scored(tmp_path):
 def test_rl_seed_noise_is_the_optima_own_spread_once_they_have_confirmation_seeds(tmp_path, opt_seeds):
     """LRs far from each optimum spread widely between seeds (+-0.15), the optima barely (SD 0.002). With 2
     seeds at the optima the pooled SD (dominated by the far LRs) makes the claim undecidable; with 4 seeds at
-    each optimum the interval is the Welch interval of the two optima's own seeds plus the binomial term
-    (checked against scipy), and the claim holds; the pooled interval is still reported."""
+    each optimum the interval is the Welch interval of the two optima's own seeds plus the binomial term, at the
+    Welch-Satterthwaite df of the sum (checked against scipy's Welch df and the formula by hand), and the claim
+    holds; the pooled interval is still reported."""
     from scipy import stats as st
 
     rl_arm(tmp_path, "full", None, 1e-4, 0.60, n_eval=8000, sd=0.002, opt_seeds=opt_seeds, sd_far=0.15)
@@ -206,10 +207,14 @@ def test_rl_seed_noise_is_the_optima_own_spread_once_they_have_confirmation_seed
     arms = A.arms(A.load_runs(tmp_path))
     vf, vl = arms["rl-full"].scores()[1e-4], arms["rl-r1"].scores()[1e-3]
     assert len(vf) == len(vl) == 4
-    ref = st.ttest_ind(vl, vf, equal_var=False)  # Welch: its df; the variance from the seeds by hand
+    ref = st.ttest_ind(vl, vf, equal_var=False)  # Welch: the seeds' df; the variances by hand
     pf, pl = float(np.mean(vf)), float(np.mean(vl))
-    var = np.var(vf, ddof=1) / 4 + np.var(vl, ddof=1) / 4 + (pf * (1 - pf) + pl * (1 - pl)) / 8000
-    h = st.t.ppf(0.975, ref.df) * math.sqrt(var)
+    parts = [(np.var(vf, ddof=1) / 4, 3), (np.var(vl, ddof=1) / 4, 3), (pf * (1 - pf) / 8000, 7999),
+             (pl * (1 - pl) / 8000, 7999)]  # (variance, df): seeds of each arm, then each arm's binomial term
+    var = sum(v for v, _ in parts)
+    df = var ** 2 / sum(v * v / k for v, k in parts)  # Welch-Satterthwaite over all four
+    assert 100 < df < 16_000  # the binomial terms dominate: far more df than the seeds' ~6
+    h = st.t.ppf(0.975, df) * math.sqrt(var)
     assert c["effect"] == pytest.approx(pl - pf)
     assert c["interval"] == pytest.approx([pl - pf - h, pl - pf + h], rel=1e-9)
     assert c["seed_noise"]["df"] == pytest.approx(ref.df)
@@ -238,3 +243,19 @@ def test_claims_json_fields(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "optimal LRs" in html and "Capacity" in html
     assert (tmp_path / "figures" / "capacity.png").stat().st_size > 1000
+
+
+def test_satterthwaite_df_and_welch_against_scipy():
+    """S.satterthwaite: (sum v)^2 / sum(v^2/df), known (infinite df) and zero terms adding nothing; S.welch's df is
+    scipy's Welch df, and both spreads zero gives n_a + n_b - 2."""
+    from scipy import stats as st
+
+    assert S.satterthwaite([(0.04, 3), (0.01, 9)]) == pytest.approx(0.05 ** 2 / (0.04 ** 2 / 3 + 0.01 ** 2 / 9))
+    assert S.satterthwaite([(0.04, 3), (0.01, math.inf)]) == pytest.approx(0.05 ** 2 / (0.04 ** 2 / 3))
+    assert S.satterthwaite([(0.04, 3), (0.0, 2)]) == pytest.approx(3)
+    assert S.satterthwaite([(0.04, math.inf)]) == math.inf
+    a, b = [0.31, 0.36, 0.33, 0.40], [0.30, 0.305, 0.31]
+    var, df = S.welch(a, b)
+    assert df == pytest.approx(st.ttest_ind(a, b, equal_var=False).df)
+    assert var == pytest.approx(np.var(a, ddof=1) / 4 + np.var(b, ddof=1) / 3)
+    assert S.welch([0.5, 0.5], [0.25, 0.25, 0.25]) == (0.0, 3.0)

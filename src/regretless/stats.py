@@ -78,6 +78,15 @@ def pooled_sd(groups: Iterable[Sequence[float]]) -> tuple[float, int]:
     return (math.sqrt(ss / df), df) if df else (math.nan, 0)
 
 
+def satterthwaite(parts: Iterable[tuple[float, float]]) -> float:
+    """Welch-Satterthwaite degrees of freedom of a sum of independent variance estimates, each (variance, its
+    df): (sum v)^2 / sum(v^2 / df). A term with infinite df (a known variance) or zero variance adds nothing to
+    the denominator; inf when no term does."""
+    parts = list(parts)
+    den = sum(v * v / df for v, df in parts if v > 0 and math.isfinite(df))
+    return float(sum(v for v, _ in parts) ** 2 / den) if den > 0 else math.inf
+
+
 def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     """(variance of mean(a) - mean(b), Welch-Satterthwaite degrees of freedom) from each group's own spread;
     needs 2+ values in each. Both spreads zero: df = n_a + n_b - 2."""
@@ -85,8 +94,8 @@ def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     if min(len(x), len(y)) < 2:
         raise ValueError("welch needs at least two values in each group")
     va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    den = va * va / (len(x) - 1) + vb * vb / (len(y) - 1)
-    return float(va + vb), float((va + vb) ** 2 / den) if den > 0 else float(len(x) + len(y) - 2)
+    df = satterthwaite([(va, len(x) - 1), (vb, len(y) - 1)])
+    return float(va + vb), df if math.isfinite(df) else float(len(x) + len(y) - 2)
 
 
 @dataclass(frozen=True)

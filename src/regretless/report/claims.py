@@ -19,7 +19,7 @@ Claims (D = the FullFT arm's eval-loss drop from the base model to its best fina
    that learned a third less than FullFT count as matching it whenever FullFT learned 0.3 points. Needs FullFT to
    have improved on the base model (interval above 0), else inconclusive.
 Noise: the seed SD pooled over every (arm, LR) run with 2+ seeds, t interval; RL adds the binomial variance
-of an accuracy measured on the eval set. RL's seed noise is the two compared cells' own spread (Welch) when
+of an accuracy measured on the eval set (t quantile at the Welch-Satterthwaite df of the sum). RL's seed noise is the two compared cells' own spread (Welch) when
 each arm's best LR has RL_CELL_SEEDS+ seeds (the search's confirmation seeds): an RL arm's spread differs
 by LR (FullFT collapses in some seeds at high LRs and not at its optimum), so a pooled SD would charge the
 comparison at the optima with the instability of LRs far from them. With fewer seeds, the pooled SD.
@@ -330,12 +330,14 @@ def rl(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
                  and r.series("eval_accuracy")[0][0] == 0), math.nan)
     sd, df = A.pooled_seed_sd(arms.values())
     (lr_f, pf, nf), (lr_l, pl, nl) = bf, bl
-    binom = sum(p * (1 - p) / max(n_eval, 1) for p in (pf, pl))
+    binom_parts = [(p * (1 - p) / max(n_eval, 1), max(n_eval - 1, 1)) for p in (pf, pl)]  # (variance, df)
+    binom = sum(v for v, _ in binom_parts)
     d = pl - pf
 
     def interval(seed_var: float, seed_df: float) -> tuple[S.Interval, float]:
-        """The difference's t interval, and its t quantile."""
-        z = S.t_quantile(max(seed_df, 1))
+        """The difference's t interval, and its t quantile: the seeds' and the eval set's variances add, with
+        the Welch-Satterthwaite df of the sum (the few seeds' small df does not stretch the binomial term)."""
+        z = S.t_quantile(max(S.satterthwaite([*binom_parts, (seed_var, max(seed_df, 1))]), 1))
         h = z * math.sqrt(binom + seed_var)
         return S.Interval(d, d - h, d + h), z
 
