@@ -30,7 +30,7 @@ def test_gpu_step_tiny_runs_every_selected_case(tmp_path):
 
 
 def test_rl_search_rounds_replays_the_committed_full_sweep_exactly():
-    """With the span the full sweep was searched with (3), the replay asks for exactly its 36 RL runs (none filled
+    """With the span the full sweep was searched with (3), the replay asks for exactly its 39 RL runs (none filled
     in) and ends where the report does: FullFT's best 5.811e-6, rank 1's 1.877e-4. With span 1 it asks for runs
     the sweep does not have (filled in)."""
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "rl_search_rounds.py"),
@@ -39,6 +39,6 @@ def test_rl_search_rounds_replays_the_committed_full_sweep_exactly():
     assert r.returncode == 0, r.stderr[-2000:]
     one, three = r.stdout.splitlines()
     assert three.startswith("first_span 3: 8 rounds") and three.count("(0 filled in)") == 2, three
-    assert "16 runs (0 filled in)" in three and "20 runs (0 filled in)" in three
+    assert "16 runs (0 filled in)" in three and "23 runs (0 filled in)" in three
     assert "best 5.811e-06" in three and "best 0.0001877" in three
     assert one.startswith("first_span 1:") and "(7 filled in)" in one, one

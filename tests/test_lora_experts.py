@@ -412,27 +412,43 @@ def test_old_style_modulelist_moe_gets_the_expert_rank(tmp_path):
     assert (want - got).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("top_k", [1, 3])
-def test_routing_moves_rows_by_gathers_in_both_directions(top_k):
-    """Routing.to_slots (tokens -> slots in expert order) and to_tokens (slots -> tokens, K rows summed) against
-    plain indexing in float64, values and gradients (torch.autograd.gradcheck); their backward runs gathers, not
-    indexing's scatter-add into zeros (IndexBackward)."""
+def test_routing_moves_rows_by_gathers_in_both_directions(top_k, compiled):
+    """Routing.to_slots (tokens -> slots in expert order) and combine (slots -> tokens, each token's K rows
+    weighted by its routing weights and summed, unrouted slots left out) against plain indexing in float64, values
+    and gradients (torch.autograd.gradcheck), eager and traced by torch.compile (which writes the K-row sums
+    another way); their backward runs gathers, not indexing's scatter-add into zeros (IndexBackward)."""
     from regretless.lora.experts import Routing
 
     T, E, H = 7, 4, 5
     g = torch.Generator().manual_seed(top_k)
     idx = torch.stack([torch.randperm(E + 1, generator=g)[:top_k] for _ in range(T)])  # E: an unrouted sentinel
     route = Routing(idx, E, "loop")
+    to_slots, combine = route.to_slots, route.combine
+    if compiled:
+        torch._dynamo.reset()
+        to_slots = torch.compile(route.to_slots, backend="aot_eager", fullgraph=True)
+        combine = torch.compile(route.combine, backend="aot_eager", fullgraph=True)
     x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
     y = torch.randn(T * top_k, H, dtype=torch.float64, requires_grad=True)
-    slots = route.to_slots(x)
+    w = torch.rand(T, top_k, dtype=torch.float64, requires_grad=True)
+    slots = to_slots(x)
     torch.testing.assert_close(slots, x[route.order_S // top_k], rtol=0, atol=0)
     unsorted = torch.empty_like(y)
     unsorted[route.order_S] = y  # row s of y belongs to slot order_S[s] = t·K + k
-    torch.testing.assert_close(route.to_tokens(y), unsorted.view(T, top_k, H).sum(1))
-    assert torch.autograd.gradcheck(route.to_slots, (x,))
-    assert torch.autograd.gradcheck(route.to_tokens, (y,))
-    for out in (route.to_slots(x), route.to_tokens(y)):
+    kept = (idx < E).double()
+    want = (unsorted.view(T, top_k, H) * (w * kept)[..., None]).sum(1)
+    torch.testing.assert_close(combine(y, w, torch.float64), want)
+    assert (idx == E).any()  # the sentinel is there: its rows must not count, whatever they hold
+    y_nan = y.detach().clone()
+    y_nan[~route.valid_S] = float("nan")
+    torch.testing.assert_close(combine(y_nan, w, torch.float64), want)
+    assert torch.autograd.gradcheck(to_slots, (x,))
+    assert torch.autograd.gradcheck(lambda y, w: combine(y, w, torch.float64), (y, w))
+    if compiled:
+        return
+    for out in (route.to_slots(x), route.combine(y, w, torch.float64)):
         names, todo = set(), [out.grad_fn]
         while todo:
             f = todo.pop()

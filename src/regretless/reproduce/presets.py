@@ -85,7 +85,8 @@ FULL = Preset(
     # The RL optima of the first sweep on the H200 lay about a decade below the recipe's guess (FullFT 5.8e-6 from
     # 8.5e-5, rank 1 1.9e-4 from 1.3e-3) and a first round of 3 LRs took 9 rounds to reach them (each round as long
     # as its slowest run); replayed on that sweep's results (scripts/rl_search_rounds.py), a first round of 7 LRs
-    # (+-1 decade) ends both searches in 6
+    # (+-1 decade) ends both searches in 6 (the sweep then run with it took 8: rank 1's confirmation seeds at its
+    # best LR ended well below its first two, and the search moved on)
     rl_first_span=3,
     scale_note="A 135M model and 128 steps of 8: larger than quick, far below the paper's 8B models and "
                "thousands of steps; the large batch (32) is the paper's *small* batch, so the batch finding "
