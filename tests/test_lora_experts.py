@@ -439,16 +439,16 @@ def test_routing_moves_rows_by_gathers_in_both_directions(top_k, compiled):
     unsorted[route.order_S] = y  # row s of y belongs to slot order_S[s] = t·K + k
     kept = (idx < E).double()
     want = (unsorted.view(T, top_k, H) * (w * kept)[..., None]).sum(1)
-    torch.testing.assert_close(combine(y, w, torch.float64), want)
+    torch.testing.assert_close(combine(y, w), want)
     assert (idx == E).any()  # the sentinel is there: its rows must not count, whatever they hold
     y_nan = y.detach().clone()
     y_nan[~route.valid_S] = float("nan")
-    torch.testing.assert_close(combine(y_nan, w, torch.float64), want)
+    torch.testing.assert_close(combine(y_nan, w), want)
     assert torch.autograd.gradcheck(to_slots, (x,))
-    assert torch.autograd.gradcheck(lambda y, w: combine(y, w, torch.float64), (y, w))
+    assert torch.autograd.gradcheck(combine, (y, w))
     if compiled:
         return
-    for out in (route.to_slots(x), route.combine(y, w, torch.float64)):
+    for out in (route.to_slots(x), route.combine(y, w)):
         names, todo = set(), [out.grad_fn]
         while todo:
             f = todo.pop()

@@ -188,17 +188,15 @@ class _SlotsByExpert(torch.autograd.Function):
 
 
 class _CombineSlots(torch.autograd.Function):
-    """out[t] = Σ_k w[t, k]·y[inverse[t, k]], summed in fp32 over the slots kept (rows of the others are
-    unspecified) and returned in `dtype`: each token's K expert outputs, weighted by its routing weights, in token
-    order. The backward is gathers and one reduction along H: dy[s] = w(s)·g[token(s)] in expert order,
-    dw[t, k] = <g[t], y[inverse[t, k]]>; no scatter, and the routing weights need no permutation either way.
-    Casting to `dtype` (the hidden states') inside, not after, gives the same numbers (the gradient would arrive
-    in that dtype either way) and lets the backward's gathers read bf16 rather than fp32."""
+    """out[t] = Σ_k w[t, k]·y[inverse[t, k]] in fp32 over the slots kept (rows of the others are unspecified):
+    each token's K expert outputs, weighted by its routing weights, in token order. The backward is gathers and
+    one reduction along H: dy[s] = w(s)·g[token(s)] in expert order, dw[t, k] = <g[t], y[inverse[t, k]]>; no
+    scatter, and the routing weights need no permutation either way."""
 
     @staticmethod
-    def forward(ctx, y_S_H, w_T_K, inverse_T_K, order_S, keep_T_K, dtype: torch.dtype):
+    def forward(ctx, y_S_H, w_T_K, inverse_T_K, order_S, keep_T_K):
         ctx.save_for_backward(y_S_H, w_T_K, inverse_T_K, order_S, keep_T_K)
-        return _gather_sum(y_S_H, inverse_T_K, w_T_K, keep_T_K).to(dtype)
+        return _gather_sum(y_S_H, inverse_T_K, w_T_K, keep_T_K)
 
     @staticmethod
     def backward(ctx, g_T_H):
@@ -212,7 +210,7 @@ class _CombineSlots(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             rows = y_S_H[inverse_T_K.reshape(-1)].view(T, K, -1).to(g.dtype)
             dw = torch.where(keep_T_K, (rows * g[:, None]).sum(-1), 0.0).to(w_T_K.dtype)
-        return dy, dw, None, None, None, None
+        return dy, dw, None, None, None
 
 
 class Routing:
@@ -243,12 +241,10 @@ class Routing:
         """(T, H) token rows -> (S, H) rows in expert order (row s: token order_S[s] // K)."""
         return _SlotsByExpert.apply(x_T_H, self.order_S, self.inverse_T_K)
 
-    def combine(self, y_S_H: torch.Tensor, w_T_K: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(S, H) rows in expert order -> (T, H) in `dtype`: Σ_k w[t, k]·(token t's k-th row) summed in fp32,
-        unrouted slots left out (their rows may hold anything), in the order of each token's slots, so
-        deterministically."""
-        return _CombineSlots.apply(y_S_H, w_T_K.reshape(-1, self.K), self.inverse_T_K, self.order_S, self.valid_T_K,
-                                   dtype)
+    def combine(self, y_S_H: torch.Tensor, w_T_K: torch.Tensor) -> torch.Tensor:
+        """(S, H) rows in expert order -> (T, H) fp32: Σ_k w[t, k]·(token t's k-th row), unrouted slots left out
+        (their rows may hold anything), summed in the order of each token's slots, so deterministically."""
+        return _CombineSlots.apply(y_S_H, w_T_K.reshape(-1, self.K), self.inverse_T_K, self.order_S, self.valid_T_K)
 
     def mm(self, x_S: torch.Tensor, w_E_in_out: torch.Tensor) -> torch.Tensor:
         """Row s of the result is x[s] @ w[expert(s)]; rows of invalid slots are unspecified (mask them)."""
@@ -398,7 +394,7 @@ class LoRAExperts(nn.Module):
             y = y + d
         if getattr(base, "has_post_expert_norm", False):
             y = base.post_expert_norm(y)
-        return route.combine(y, top_k_weights, hidden_states.dtype)  # (T, H)
+        return route.combine(y, top_k_weights).to(hidden_states.dtype)  # (T, H)
 
     def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         lay = self.layout
