@@ -146,11 +146,12 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, compiling: bool = False) ->
 
 def _gather_sum(src_S_H: torch.Tensor, idx_T_K: torch.Tensor, w_T_K: torch.Tensor | None = None,
                 keep_T_K: torch.Tensor | None = None) -> torch.Tensor:
-    """out[t] = Σ_k w[t, k]·src[idx[t, k]] in fp32 (float64 for float64), k in order (w = 1 where None; terms where keep is False are 0,
-    whatever their row holds). Under torch.compile it is written as K gathered terms, which inductor fuses into one
-    element-wise kernel whose threads run along H: written as a gather of all S rows and a sum over K, inductor
-    makes a reduction over the K axis that reads each row in short strided pieces (measured on the H200: ~0.9 ms a
-    layer at Qwen3-30B-A3B's shape). Eager: one gather of the S rows, then one sum (two kernels, not 2K)."""
+    """out[t] = Σ_k w[t, k]·src[idx[t, k]] in fp32 (float64 for float64), k in order; w = 1 where None, and a
+    term whose `keep` is False is 0 whatever its row holds. Under torch.compile it is written as K gathered terms,
+    which inductor fuses into one element-wise kernel whose threads run along H: written as a gather of all S rows
+    and a sum over K, inductor makes a reduction over the K axis that reads each row in short strided pieces
+    (measured on the H200: ~0.9 ms a layer at Qwen3-30B-A3B's shape). Eager: one gather of the S rows, then one
+    sum (two kernels, not 2K)."""
     T, K = idx_T_K.shape
     acc = torch.promote_types(src_S_H.dtype, torch.float32)
     if torch.compiler.is_compiling():
