@@ -19,10 +19,11 @@ Claims (D = the FullFT arm's eval-loss drop from the base model to its best fina
    that learned a third less than FullFT count as matching it whenever FullFT learned 0.3 points. Needs FullFT to
    have improved on the base model (interval above 0), else inconclusive.
 Noise: the seed SD pooled over every (arm, LR) run with 2+ seeds, t interval; RL adds the binomial variance
-of an accuracy measured on the eval set (t quantile at the Welch-Satterthwaite df of the sum). RL's seed noise is the two compared cells' own spread (Welch) when
-each arm's best LR has RL_CELL_SEEDS+ seeds (the search's confirmation seeds): an RL arm's spread differs
-by LR (FullFT collapses in some seeds at high LRs and not at its optimum), so a pooled SD would charge the
-comparison at the optima with the instability of LRs far from them. With fewer seeds, the pooled SD.
+of an accuracy measured on the eval set (t quantile at the Welch-Satterthwaite df of the sum). RL's seed noise
+is the two compared cells' own spread (Welch) when each arm's best LR has RL_CELL_SEEDS+ seeds (the search's
+confirmation seeds): an RL arm's spread differs by LR (FullFT collapses in some seeds at high LRs and not at its
+optimum), so a pooled SD would charge the comparison at the optima with the instability of LRs far from them.
+With fewer seeds, the pooled SD.
 """
 
 from __future__ import annotations
@@ -289,7 +290,8 @@ def placement(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     bad = _unbracketed({m.name: opts[m.name], a.name: opts[a.name]})
     matched = (a.trainable_params or 0) >= (m.trainable_params or math.inf)
     reason = {HELD: "attention-only ends worse than MLP-only" + (" with at least as many parameters" if matched else ""),
-              NOT_HELD: "attention-only ends better than MLP-only", INCONCLUSIVE: "the interval includes no difference"}[v]
+              NOT_HELD: "attention-only ends better than MLP-only",
+              INCONCLUSIVE: "the interval includes no difference"}[v]
     if bad:
         v, reason = INCONCLUSIVE, f"optimum not bracketed for {', '.join(bad)}"
     elif not matched:
