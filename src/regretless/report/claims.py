@@ -289,7 +289,8 @@ def placement(all_arms: dict[str, A.Arm]) -> dict[str, Any]:
     opts = {x.name: optimum(x, (sd, df)) for x in used}
     bad = _unbracketed({m.name: opts[m.name], a.name: opts[a.name]})
     matched = (a.trainable_params or 0) >= (m.trainable_params or math.inf)
-    reason = {HELD: "attention-only ends worse than MLP-only" + (" with at least as many parameters" if matched else ""),
+    more = " with at least as many parameters" if matched else ""
+    reason = {HELD: "attention-only ends worse than MLP-only" + more,
               NOT_HELD: "attention-only ends better than MLP-only",
               INCONCLUSIVE: "the interval includes no difference"}[v]
     if bad:
