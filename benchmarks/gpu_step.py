@@ -20,7 +20,12 @@ Methods
                  the experts' gate/up pair turned off (A/B of those changes); `-plaince` = the same with the
                  plain chunked cross-entropy, every chunk's fp32 logits kept for backward (A/B of the fused loss);
                  `-fusednode+compile` = compiled with each dense adapter's own fused autograd node (LoRA term
-                 accumulated inside the GEMMs) traced into the blocks instead of plain ops (A/B)
+                 accumulated inside the GEMMs) traced into the blocks instead of plain ops (A/B);
+                 `-autotune+compile` = compiled with inductor's GEMM autotuning (max_autotune_gemm: Triton
+                 templates, the grouped expert GEMMs among them, against the ATen kernels)
+  floor          the frozen floor: the bf16 base with no adapters, no weight gradients, input gradients through
+                 every layer (the embeddings' output asks for one), the fused head: what a LoRA step on this base
+                 cannot go below with these kernels; MFU counts 4·N + attention
   peft           transformers + PEFT LoRA (target_modules, and target_parameters for fused experts), HF loss
   +compile       regretless: `torch.compile` of each decoder block and of the fused head's softmax, as the
                  trainer's `compile=true` does (`train.compile_blocks`); PEFT: of the transformer trunk, as a
@@ -114,6 +119,11 @@ def cases(tiny: bool) -> list[Case]:
         # adapters' matmuls run in fp32); information only, the targets compare with PEFT under autocast
         Case("dense", d, "peft-plain", B, T, est_s=30), Case("moe", m, "peft-plain", B, T, est_s=60),
         Case("dense", d, "rl-lora-fusednode", B, T, compile=True, est_s=60),
+        # the frozen floor: what any LoRA step on this base must at least cost (no adapters, no weight gradients,
+        # input gradients through every layer, the fused head), and the A/Bs of the compiled groups and autotuning
+        Case("dense", d, "floor", B, T, compile=True, est_s=50), Case("moe", m, "floor", B, T, compile=True, est_s=70),
+        Case("dense", d, "rl-lora-nogroup", B, T, compile=True, est_s=60),
+        Case("moe", m, "rl-lora-autotune", B, T, compile=True, est_s=300),
     ]
 
 
@@ -170,8 +180,13 @@ def run_case(c: Case, args, device: str) -> dict:
     model = build(c.shape, weights, device, args.tiny)
     moe = hasattr(model.config, "num_experts")
     lcfg = lora_cfg(args.rank)
-    flops_tok = flops_per_token(model, lcfg if lora else None) + attention_flops_per_token(model.config, c.seq)
-    if c.method.startswith("rl-lora"):
+    flops_tok = flops_per_token(model, lcfg if lora else None) * (4 / 6 if c.method == "floor" else 1) + \
+        attention_flops_per_token(model.config, c.seq)
+    if c.method == "floor":  # frozen: the embeddings' output asks for a gradient, so every layer passes one back
+        model.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_())
+        groups = []
+    elif c.method.startswith("rl-lora"):
         apply_lora(model, lcfg)
         set_group_fusion(model, c.method != "rl-lora-nogroup")
         for _, mod in lora_modules(model):
@@ -195,8 +210,10 @@ def run_case(c: Case, args, device: str) -> dict:
     if c.compile and peft:  # the trunk, in place, as a PEFT user compiles it
         model.get_base_model().model.compile(backend=args.compile_backend, dynamic=False)
     elif c.compile:  # as the trainer does with compile=true: each decoder block
-        compile_blocks(model, backend=args.compile_backend, dynamic=False)
-    opt = torch.optim.AdamW(groups, lr=1e-5, fused=True)
+        autotune = c.method == "rl-lora-autotune" and args.compile_backend == "inductor"  # (an inductor option)
+        kw = {"options": {"max_autotune_gemm": True}} if autotune else {}
+        compile_blocks(model, backend=args.compile_backend, dynamic=False, **kw)
+    opt = torch.optim.AdamW(groups, lr=1e-5, fused=True) if groups else None
     model.train()
     amp = c.method not in ("hf-full-bf16", "peft-plain")  # the plain reference and loop: bf16 weights, no autocast
     hf_loss = c.method in ("hf-full-bf16", "peft", "peft-plain")
@@ -217,8 +234,9 @@ def run_case(c: Case, args, device: str) -> dict:
                 s, n = lm.nll_sum(model, batch, fused=c.method != "rl-lora-plaince", compiled=c.compile)
                 loss = s / n
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss.detach()
 
     t0 = time.perf_counter()
@@ -334,7 +352,8 @@ def ab_lines(rows: list[dict]) -> list[str]:
     out = []
     for (sec, m), r in ok.items():
         base = ok.get((sec, "rl-lora+compile" if "+compile" in m else "rl-lora"))
-        if not base or m.split("+")[0] not in ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode"):
+        if not base or m.split("+")[0] not in ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode",
+                                                            "rl-lora-autotune"):
             continue
         mem = (f", peak memory {base['peak_mem_gib']:.1f} vs {r['peak_mem_gib']:.1f} GiB "
                f"({base['peak_mem_gib'] / r['peak_mem_gib']:.2f}x)") if r["peak_mem_gib"] else ""
@@ -372,6 +391,11 @@ def targets(rows: list[dict]) -> list[str]:
         if plain is not None:
             out.append(f"- {name} tokens/s vs PEFT eager in a plain loop (peft-plain: fp32 adapters, no autocast): "
                        f"{plain:.2f} (information; the target above is checked against PEFT under autocast)")
+        floor, peft_eager = ok.get((sec, "floor+compile")), ok.get((sec, "peft"))
+        if floor and lo and peft_eager:  # information: how far the targets are from what the frozen base costs
+            out.append(f"- {sec}: the frozen floor (floor+compile) takes {floor['step_s']:.4f} s; {lo['method']} "
+                       f"{lo['step_s']:.4f} s is {lo['step_s'] / floor['step_s']:.2f}x it; {goals[0]}x PEFT eager "
+                       f"needs a step of at most {peft_eager['step_s'] / goals[0]:.4f} s (information)")
         if sec == "dense":
             check(f"{name} step time vs hf-full-bf16", ratio(lo, ok.get((sec, "hf-full-bf16")), "step_s"), 0.72, False)
             peft = ok.get((sec, "peft"))

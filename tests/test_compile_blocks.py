@@ -15,17 +15,19 @@ from regretless.lora import LoRAConfig, apply_lora, lora_modules
 from regretless.train import compile_blocks
 
 
-@pytest.mark.parametrize("fused", ["plain", "node"], ids=["plain-ops", "fused-node"])
+@pytest.mark.parametrize("fused", ["group", "plain", "node"], ids=["group-ops", "plain-ops", "fused-node"])
 @pytest.mark.parametrize("config", [tiny_llama_config, tiny_qwen3_moe_config], ids=["llama", "qwen3-moe"])
 def test_compiled_blocks_match_eager_loss_and_adapter_gradients(config, fused, monkeypatch):
-    """The two ways a dense adapter runs in a compiled block: plain ops, or its own fused autograd node
-    (`LoRALinear.fused_when_compiled`), traced by dynamo."""
+    """The ways a dense adapter runs in a compiled block: plain ops on the q/k/v and gate/up groups' concatenated
+    weights (`SharedInputGroup.traced`, the default), each adapter's own plain ops (group fusion off), or its own
+    fused autograd node (`LoRALinear.fused_when_compiled`), traced by dynamo."""
     monkeypatch.setattr(lm, "COMPILE_BACKEND", "aot_eager")
     model = build_model(config(_attn_implementation="sdpa"))
     apply_lora(model, LoRAConfig(rank=4, alpha=32, targets="all"))
     for _, m in lora_modules(model):
         if hasattr(m, "fused_when_compiled"):
             m.fused_when_compiled = fused == "node"
+            m.group_fusion = fused != "plain"
     gen = torch.Generator().manual_seed(1)
     for n, p in model.named_parameters():
         if "lora_B" in n:  # B = 0 at init would leave A's gradient zero: give B values so every term counts
@@ -54,3 +56,49 @@ def test_compiled_blocks_match_eager_loss_and_adapter_gradients(config, fused, m
     assert g1.keys() == g0.keys() and any("experts" in k for k in g0) == (config is tiny_qwen3_moe_config)
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _traced_gemms(model, batch) -> list[tuple[int, int]]:
+    """(forward, backward) matmul counts of each compiled block graph, as inductor's partitioner leaves them."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    graphs: dict[str, list[int]] = {"fw": [], "bw": []}
+
+    def record(kind):
+        def compiler(gm, _inputs):
+            graphs[kind].append(sum(n.op == "call_function" and n.target == torch.ops.aten.mm.default
+                                    for n in gm.graph.nodes))
+            return gm.forward
+        return compiler
+
+    backend = aot_autograd(fw_compiler=record("fw"), bw_compiler=record("bw"),
+                           partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    try:
+        compile_blocks(model, backend=backend, dynamic=False)
+        s, _n = lm.nll_sum(model, batch)
+        s.backward()
+    finally:
+        torch._dynamo.reset()
+    return list(zip(graphs["fw"], graphs["bw"]))
+
+
+def test_compiled_group_runs_one_gemm_per_group_each_way():
+    """Under torch.compile the q/k/v and gate/up groups run one base GEMM and one A GEMM forward, one dx and one
+    dA GEMM backward (x·[W_q; W_k; W_v]ᵀ, ...), where each adapter alone runs one of each per member. Per Llama
+    block, 7 adapted matrices: forward 7 base + 7 A + 7 B = 21 alone, 4 + 4 + 7 = 15 grouped; backward (a block
+    whose input needs a gradient) 7 dx + 7 LoRA dx + 7 dA + 7 dB + 7 g·B = 35 alone, 4 + 4 + 4 + 7 + 7 = 26."""
+    base = build_model(tiny_llama_config(_attn_implementation="sdpa"))
+    apply_lora(base, LoRAConfig(rank=4, alpha=32, targets="all"))
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    counts = {}
+    for grouped in (True, False):
+        model = copy.deepcopy(base)
+        for _, m in lora_modules(model):
+            if hasattr(m, "group_fusion"):
+                m.group_fusion = grouped
+        counts[grouped] = _traced_gemms(model, batch)
+    assert counts[False] and all(fw == 21 for fw, _ in counts[False]) and max(bw for _, bw in counts[False]) == 35
+    assert counts[True] and all(fw == 15 for fw, _ in counts[True]) and max(bw for _, bw in counts[True]) == 26

@@ -333,17 +333,20 @@ def test_autocast_experts_cuda_bf16_matches_fp32_reference_and_keeps_fp32_grads(
 
 
 @needs_cuda
-def test_compile_blocks_inductor_matches_eager_on_moe_lora_cuda():
+@pytest.mark.parametrize("moe", [True, False], ids=["qwen3-moe", "llama"])
+def test_compile_blocks_inductor_matches_eager_on_moe_lora_cuda(moe):
     """`train.compile_blocks` with inductor on CUDA (the trainer's compile=true) on a Qwen3-MoE with routed-expert
-    LoRA: the loss and every adapter gradient as eager, within float32-kernel tolerance."""
+    LoRA and on a dense Llama (the q/k/v and gate/up groups on concatenated weights, `SharedInputGroup.traced`):
+    the loss and every adapter gradient as eager, within float32-kernel tolerance."""
     import copy
 
-    from conftest import build_model, tiny_qwen3_moe_config
+    from conftest import build_model, tiny_llama_config, tiny_qwen3_moe_config
 
     from regretless import lm
     from regretless.train import compile_blocks
 
-    model = build_model(tiny_qwen3_moe_config(_attn_implementation="sdpa")).cuda()
+    config = tiny_qwen3_moe_config if moe else tiny_llama_config
+    model = build_model(config(_attn_implementation="sdpa")).cuda()
     apply_lora(model, LoRAConfig(rank=4))
     _randomize_b(model)
     eager = copy.deepcopy(model)
@@ -364,7 +367,7 @@ def test_compile_blocks_inductor_matches_eager_on_moe_lora_cuda():
         torch._dynamo.reset()
     s0, g0 = run(eager, False)
     assert abs(float(s1) - float(s0)) < 1e-3 * abs(float(s0))
-    assert g1.keys() == g0.keys() and any("experts" in k for k in g0)
+    assert g1.keys() == g0.keys() and any("experts" in k for k in g0) == moe
     for k in g0:
         assert _rel(g1[k], g0[k]) < 1e-2, k
 

@@ -114,6 +114,7 @@ class SharedInputGroup:
         self.members = members
         self._key: tuple | None = None  # (weakref to x, grad mode, autocast dtype)
         self._pending: dict[int, torch.Tensor] = {}
+        self._traced: tuple | None = None  # (x, pending outputs) while torch.compile traces the group
 
     def _fusable(self, x: torch.Tensor) -> bool:
         m0 = self.members[0]
@@ -151,6 +152,41 @@ class SharedInputGroup:
         ys = [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
         self._pending = {j: y for j, y in enumerate(ys) if j != i}
         self._key = (weakref.ref(x), torch.is_grad_enabled(), amp)
+        return ys[i]
+
+
+    def traced(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
+        """Under torch.compile: the take() of plain ops. The first member called computes the whole group from
+        the concatenated weights, y = x·[W_1; ...; W_n]ᵀ (+ b) and xa = x·[A_1; ...; A_n]ᵀ, then its columns
+        y_i + s_i·xa_i·B_iᵀ, and keeps the others' for them (the compiler traces this hand-over away). So the
+        group runs one base GEMM and one A GEMM forward, and one dx and one dA GEMM backward: x read once each
+        way, no sum of n input gradients. The concatenated frozen weights are a (Σ d_out, d_in) copy per step,
+        small next to the (N, d_in) activations. None: use the own path."""
+        i = next(j for j, m in enumerate(self.members) if m is member)
+        held = self._traced
+        if held is not None and held[0] is x and i in held[1]:
+            y = held[1].pop(i)
+            if not held[1]:
+                self._traced = None
+            return y
+        self._traced = None
+        if not self._fusable(x):
+            return None
+        ms, dev = self.members, x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else member.base_layer.weight.dtype
+        with torch.autocast(dev, enabled=False):
+            h = x.to(dt)
+            W = torch.cat([m.base_layer.weight for m in ms]).to(dt)  # (Σ d_out, d_in)
+            b = None if all(m.base_layer.bias is None for m in ms) else torch.cat(
+                [m.base_layer.weight.new_zeros(m.out_features) if m.base_layer.bias is None else m.base_layer.bias
+                 for m in ms]).to(dt)
+            y = nn.functional.linear(h, W, b)  # (..., Σ d_out)
+            xa = h @ torch.cat([m.lora_A for m in ms]).to(dt).T  # (..., Σ r)
+            ys, o, r = [], 0, 0
+            for m in ms:
+                ys.append(y[..., o:o + m.out_features] + m.scale * (xa[..., r:r + m.rank] @ m.lora_B.to(dt).T))
+                o, r = o + m.out_features, r + m.rank
+        self._traced = (x, {j: yj for j, yj in enumerate(ys) if j != i})
         return ys[i]
 
 
@@ -252,8 +288,10 @@ class LoRALinear(nn.Module):
         if W_dec is not None and not torch.is_grad_enabled():  # decoding: one GEMM with the merged weight
             bias = self.base_layer.bias
             return nn.functional.linear(x.to(W_dec.dtype), W_dec, None if bias is None else bias.to(W_dec.dtype))
-        if self._group is not None and self.group_fusion and not torch.compiler.is_compiling():
-            y = self._group.take(self, x)
+        if self._group is not None and self.group_fusion:
+            compiling = torch.compiler.is_compiling()
+            y = self._group.take(self, x) if not compiling else \
+                None if self.fused_when_compiled else self._group.traced(self, x)
             if y is not None:
                 return y
         dev = x.device.type
