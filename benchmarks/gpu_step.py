@@ -163,8 +163,8 @@ def attention_flops_per_token(cfg, seq: int) -> float:
 
 def set_group_fusion(model, on: bool) -> None:
     for _, m in lora_modules(model):
-        if hasattr(m, "group_fusion"):  # dense q/k/v and gate/up groups
-            m.group_fusion = on
+        if hasattr(m, "group_fusion"):  # dense q/k/v and gate/up groups; compiled, the up-projection in the base GEMM
+            m.group_fusion = m.up_in_base_gemm = on
         if hasattr(m, "fuse_gate_up"):  # routed experts' gate/up pair
             m.fuse_gate_up = on
 
@@ -188,7 +188,7 @@ def run_case(c: Case, args, device: str) -> dict:
         groups = []
     elif c.method.startswith("rl-lora"):
         apply_lora(model, lcfg)
-        set_group_fusion(model, c.method != "rl-lora-nogroup")
+        set_group_fusion(model, c.method != "rl-lora-nogroup")  # compiled: also the up-projection's concat
         for _, mod in lora_modules(model):
             if hasattr(mod, "fused_when_compiled"):  # the dense adapters (LoRALinear)
                 mod.fused_when_compiled = c.method == "rl-lora-fusednode"

@@ -18,16 +18,17 @@ from regretless.train import compile_blocks
 @pytest.mark.parametrize("fused", ["group", "plain", "node"], ids=["group-ops", "plain-ops", "fused-node"])
 @pytest.mark.parametrize("config", [tiny_llama_config, tiny_qwen3_moe_config], ids=["llama", "qwen3-moe"])
 def test_compiled_blocks_match_eager_loss_and_adapter_gradients(config, fused, monkeypatch):
-    """The ways a dense adapter runs in a compiled block: plain ops on the q/k/v and gate/up groups' concatenated
-    weights (`SharedInputGroup.traced`, the default), each adapter's own plain ops (group fusion off), or its own
-    fused autograd node (`LoRALinear.fused_when_compiled`), traced by dynamo."""
+    """The ways a dense adapter runs in a compiled block: the q/k/v and gate/up groups and o_proj with the LoRA
+    up-projection inside the base GEMM (`SharedInputGroup.traced`, `base_and_up`: the default), each adapter's
+    own plain ops (group fusion and up_in_base_gemm off), or its own fused autograd node
+    (`LoRALinear.fused_when_compiled`), traced by dynamo."""
     monkeypatch.setattr(lm, "COMPILE_BACKEND", "aot_eager")
     model = build_model(config(_attn_implementation="sdpa"))
     apply_lora(model, LoRAConfig(rank=4, alpha=32, targets="all"))
     for _, m in lora_modules(model):
         if hasattr(m, "fused_when_compiled"):
             m.fused_when_compiled = fused == "node"
-            m.group_fusion = fused != "plain"
+            m.group_fusion = m.up_in_base_gemm = fused != "plain"
     gen = torch.Generator().manual_seed(1)
     for n, p in model.named_parameters():
         if "lora_B" in n:  # B = 0 at init would leave A's gradient zero: give B values so every term counts
@@ -85,10 +86,11 @@ def _traced_gemms(model, batch) -> list[tuple[int, int]]:
 
 
 def test_compiled_group_runs_one_gemm_per_group_each_way():
-    """Under torch.compile the q/k/v and gate/up groups run one base GEMM and one A GEMM forward, one dx and one
-    dA GEMM backward (x·[W_q; W_k; W_v]ᵀ, ...), where each adapter alone runs one of each per member. Per Llama
-    block, 7 adapted matrices: forward 7 base + 7 A + 7 B = 21 alone, 4 + 4 + 7 = 15 grouped; backward (a block
-    whose input needs a gradient) 7 dx + 7 LoRA dx + 7 dA + 7 dB + 7 g·B = 35 alone, 4 + 4 + 4 + 7 + 7 = 26."""
+    """Under torch.compile the q/k/v and gate/up groups, and o_proj (d_in <= d_out), run their LoRA up-projection
+    inside the base GEMM ([x | s·x·Aᵀ]·[W | B]ᵀ): per Llama block, forward 2 GEMMs (A, base) for each of the two
+    groups and o_proj, 3 (base, A, B) for down_proj: 9, where each adapter alone in plain ops runs 7·3 = 21;
+    backward (a block whose input needs a gradient) 4 each ([dx | du], dB, dA, LoRA dx) and 5 for down_proj
+    (dx, g·B, dA, dB, LoRA dx): 17, where alone 7·5 = 35."""
     base = build_model(tiny_llama_config(_attn_implementation="sdpa"))
     apply_lora(base, LoRAConfig(rank=4, alpha=32, targets="all"))
     ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -98,7 +100,7 @@ def test_compiled_group_runs_one_gemm_per_group_each_way():
         model = copy.deepcopy(base)
         for _, m in lora_modules(model):
             if hasattr(m, "group_fusion"):
-                m.group_fusion = grouped
+                m.group_fusion = m.up_in_base_gemm = grouped
         counts[grouped] = _traced_gemms(model, batch)
     assert counts[False] and all(fw == 21 for fw, _ in counts[False]) and max(bw for _, bw in counts[False]) == 35
-    assert counts[True] and all(fw == 15 for fw, _ in counts[True]) and max(bw for _, bw in counts[True]) == 26
+    assert counts[True] and all(fw == 9 for fw, _ in counts[True]) and max(bw for _, bw in counts[True]) == 17

@@ -254,3 +254,24 @@ def test_expert_gate_up_fused_equals_separate(family):
     for n in a[2]:
         assert torch.count_nonzero(a[2][n]) > 0, n
         torch.testing.assert_close(a[2][n], b[2][n], **tol, msg=n)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_base_and_up_matches_the_formula_and_gradcheck(bias):
+    """`base_and_up` (the compiled path's [x | s·x·Aᵀ]·[W | B]ᵀ, one GEMM over K = d_in + R) against the plain
+    float64 formula x·Wᵀ + b + ((x·Aᵀ) ⊙ s)·Bᵀ, with one scale per column of x·Aᵀ as a group has; and
+    torch.autograd.gradcheck of x, A and B through its own backward (W and b frozen)."""
+    from regretless.lora.layer import base_and_up
+
+    g = torch.Generator().manual_seed(0)
+    N, d_in, d_out, R = 7, 6, 9, 5
+    x = torch.randn(2, N, d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    A = torch.randn(R, d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(d_out, R, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(d_out, d_in, dtype=torch.float64, generator=g)
+    b = torch.randn(d_out, dtype=torch.float64, generator=g) if bias else None
+    s = torch.tensor([8.0, 8.0, 16.0, 16.0, 16.0], dtype=torch.float64)
+    got = base_and_up(x, A, B, s, W, b)
+    want = x @ W.T + (0 if b is None else b) + ((x @ A.T) * s) @ B.T
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x_, A_, B_: base_and_up(x_, A_, B_, s, W, b), (x, A, B))

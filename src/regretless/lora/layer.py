@@ -12,7 +12,10 @@ autograd node for all of them and hands the others their outputs when they are c
 read once for all the A projections (one GEMM against the concatenated A's, forward and dA), and in backward
 the input gradients of all members and of the LoRA path accumulate into one buffer inside the GEMMs (beta = 1)
 instead of separate tensors summed by autograd. Same math as the members' own paths; any mismatch (another
-input, a disabled or merged member, a trained base, torch.compile tracing) falls back to each member's own path.
+input, a disabled or merged member, a trained base) falls back to each member's own path. Under torch.compile the
+group is written in plain ops (`SharedInputGroup.traced`), and there, for a group or an adapter whose d_in <=
+d_out, the LoRA up-projection rides on the base GEMM: [x | s·x·Aᵀ]·[W | B]ᵀ (`base_and_up`), so the (N, d_out)
+LoRA output is never written and added.
 
 `LoRAParam` adapts one bare 2-D weight of a module that is not a Linear (a MoE router such as Qwen3-MoE's
 `mlp.gate.weight`) by calling the module with W + s·B·A. It exists for adapters that PEFT saved with
@@ -102,6 +105,37 @@ class _LoRAGroupFn(torch.autograd.Function):
         return (dx, dA, None, None, *([None] * (2 * n)), *dBs)
 
 
+class _BaseAndUpFn(torch.autograd.Function):
+    """y = [x | u]·[W | B]ᵀ (+ b): the frozen base and the LoRA up-projection of u = s·x·Aᵀ in one GEMM over
+    K = d_in + R, written for torch.compile (plain ops in both directions). The (N, d_out) LoRA output is never
+    written and added to the base's; backward reads g once for both input gradients, [dx | du] = g·[W | B], and
+    once for dB = gᵀ·u. W and b frozen (no gradient); [W | B] is rebuilt in backward rather than kept."""
+
+    @staticmethod
+    def forward(ctx, x_N_in, u_N_R, W, B, b):
+        xu = torch.cat([x_N_in, u_N_R], 1)  # (N, d_in + R)
+        Wc = torch.cat([W, B], 1)  # (d_out, d_in + R)
+        y = torch.addmm(b, xu, Wc.T) if b is not None else xu @ Wc.T
+        ctx.save_for_backward(u_N_R, W, B)
+        return y
+
+    @staticmethod
+    def backward(ctx, g_N_out):
+        u, W, B = ctx.saved_tensors
+        dxu = g_N_out @ torch.cat([W, B], 1)  # (N, d_in + R)
+        dB = g_N_out.T @ u if ctx.needs_input_grad[3] else None
+        return dxu[:, :W.shape[1]], dxu[:, W.shape[1]:], None, dB, None
+
+
+def base_and_up(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor | float,
+                W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x·Wᵀ (+ b) + (s·x·Aᵀ)·Bᵀ for x (..., d_in), A (R, d_in), B (d_out, R), s a scalar or one scale per column
+    of x·Aᵀ, all in one dtype: the LoRA up-projection rides on the base GEMM (`_BaseAndUpFn`)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _BaseAndUpFn.apply(x2, (x2 @ A.T) * scales, W, B, b)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
@@ -156,12 +190,13 @@ class SharedInputGroup:
 
 
     def traced(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
-        """Under torch.compile: the take() of plain ops. The first member called computes the whole group from
-        the concatenated weights, y = x·[W_1; ...; W_n]ᵀ (+ b) and xa = x·[A_1; ...; A_n]ᵀ, then its columns
-        y_i + s_i·xa_i·B_iᵀ, and keeps the others' for them (the compiler traces this hand-over away). So the
-        group runs one base GEMM and one A GEMM forward, and one dx and one dA GEMM backward: x read once each
-        way, no sum of n input gradients. The concatenated frozen weights are a (Σ d_out, d_in) copy per step,
-        small next to the (N, d_in) activations. None: use the own path."""
+        """Under torch.compile: the take() of plain ops. The first member called computes the whole group,
+        y = x·[W_1; ...; W_n]ᵀ (+ b) + (x·[A_1; ...; A_n]ᵀ ⊙ s)·blockdiag(B_1, ..., B_n)ᵀ with the up-projection
+        riding on the base GEMM (`base_and_up`), and keeps the other members' columns of y for them (the compiler
+        traces this hand-over away). So the group runs one A GEMM and one base GEMM forward, and backward one GEMM
+        for [dx | du], one for dB, one for dA and one for the LoRA part of dx: x and g read once each way, no sum
+        of n input gradients. The concatenated frozen weights are a (Σ d_out, d_in + Σ r) copy per step, small
+        next to the (N, d_in) activations. None: use the own path."""
         i = next(j for j, m in enumerate(self.members) if m is member)
         held = self._traced
         if held is not None and held[0] is x and i in held[1]:
@@ -175,17 +210,18 @@ class SharedInputGroup:
         ms, dev = self.members, x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else member.base_layer.weight.dtype
         with torch.autocast(dev, enabled=False):
-            h = x.to(dt)
             W = torch.cat([m.base_layer.weight for m in ms]).to(dt)  # (Σ d_out, d_in)
             b = None if all(m.base_layer.bias is None for m in ms) else torch.cat(
                 [m.base_layer.weight.new_zeros(m.out_features) if m.base_layer.bias is None else m.base_layer.bias
                  for m in ms]).to(dt)
-            y = nn.functional.linear(h, W, b)  # (..., Σ d_out)
-            xa = h @ torch.cat([m.lora_A for m in ms]).to(dt).T  # (..., Σ r)
-            ys, o, r = [], 0, 0
+            A = torch.cat([m.lora_A for m in ms]).to(dt)  # (Σ r, d_in)
+            B = torch.block_diag(*[m.lora_B.to(dt) for m in ms])  # (Σ d_out, Σ r)
+            s = torch.cat([torch.full((m.rank,), float(m.scale), dtype=dt, device=x.device) for m in ms])
+            y = base_and_up(x.to(dt), A, B, s, W, b)  # (..., Σ d_out)
+            ys, o = [], 0
             for m in ms:
-                ys.append(y[..., o:o + m.out_features] + m.scale * (xa[..., r:r + m.rank] @ m.lora_B.to(dt).T))
-                o, r = o + m.out_features, r + m.rank
+                ys.append(y[..., o:o + m.out_features])
+                o += m.out_features
         self._traced = (x, {j: yj for j, yj in enumerate(ys) if j != i})
         return ys[i]
 
@@ -238,6 +274,7 @@ class LoRALinear(nn.Module):
         self._backup: torch.Tensor | None = None
         self.group_fusion = True  # use the SharedInputGroup path when a group is set
         self.fused_when_compiled = False  # under torch.compile: the fused node (True) or plain ops inductor fuses
+        self.up_in_base_gemm = True  # under torch.compile, plain ops: x·Aᵀ's up-projection inside the base GEMM
         self._group: SharedInputGroup | None = None
         self._decode_weight: torch.Tensor | None = None  # W + s·B·A, set by merge.merged_for_decoding
 
@@ -299,8 +336,13 @@ class LoRALinear(nn.Module):
         if self.fan_in_fan_out:
             W = W.T  # (d_out, d_in) view
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
-        if (W.requires_grad or (bias is not None and bias.requires_grad)  # base also trained
-                or (torch.compiler.is_compiling() and not self.fused_when_compiled)):  # inductor fuses the plain ops
+        trained_base = W.requires_grad or (bias is not None and bias.requires_grad)
+        if torch.compiler.is_compiling() and not self.fused_when_compiled and self.up_in_base_gemm \
+                and not trained_base and self.in_features <= self.out_features:  # the LoRA output would cost more than x·Aᵀ's concat
+            with torch.autocast(dev, enabled=False):
+                return base_and_up(x.to(dt), self.lora_A.to(dt), self.lora_B.to(dt), self.scale, W.to(dt),
+                                   None if bias is None else bias.to(dt))
+        if trained_base or (torch.compiler.is_compiling() and not self.fused_when_compiled):  # plain ops
             h = x.to(dt)
             return self.base_layer(x) + (self.scale * (h @ self.lora_A.to(dt).T) @ self.lora_B.to(dt).T)
         with torch.autocast(dev, enabled=False):
