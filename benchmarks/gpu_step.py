@@ -22,7 +22,9 @@ Methods
                  `-fusednode+compile` = compiled with each dense adapter's own fused autograd node (LoRA term
                  accumulated inside the GEMMs) traced into the blocks instead of plain ops (A/B);
                  `-autotune+compile` = compiled with inductor's GEMM autotuning (max_autotune_gemm: Triton
-                 templates, the grouped expert GEMMs among them, against the ATen kernels)
+                 templates, the grouped expert GEMMs among them, against the ATen kernels);
+                 `-tuned+compile` = compiled with inductor's coordinate-descent tuning of its generated kernels'
+                 launch configurations (the blocks' fused element-wise kernels and the head's softmax)
   floor          the frozen floor: the bf16 base with no adapters, no weight gradients, input gradients through
                  every layer (the embeddings' output asks for one), the fused head: what a LoRA step on this base
                  cannot go below with these kernels; MFU counts 4·N + attention
@@ -66,6 +68,8 @@ from regretless.models import autocast_experts
 from regretless.train import compile_blocks, to_device
 
 PEAK_FLOPS = 989e12  # H200 SXM dense bf16
+TUNED = {"rl-lora-autotune": {"max_autotune_gemm": True},  # inductor options of the tuned A/B cases
+         "rl-lora-tuned": {"coordinate_descent_tuning": True}}
 
 SHAPES = {  # full size; --tiny shrinks them
     "llama-3.2-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
@@ -124,6 +128,8 @@ def cases(tiny: bool) -> list[Case]:
         Case("dense", d, "floor", B, T, compile=True, est_s=50), Case("moe", m, "floor", B, T, compile=True, est_s=70),
         Case("dense", d, "rl-lora-nogroup", B, T, compile=True, est_s=60),
         Case("moe", m, "rl-lora-autotune", B, T, compile=True, est_s=300),
+        Case("dense", d, "rl-lora-tuned", B, T, compile=True, est_s=120),
+        Case("moe", m, "rl-lora-tuned", B, T, compile=True, est_s=150),
     ]
 
 
@@ -210,9 +216,9 @@ def run_case(c: Case, args, device: str) -> dict:
     if c.compile and peft:  # the trunk, in place, as a PEFT user compiles it
         model.get_base_model().model.compile(backend=args.compile_backend, dynamic=False)
     elif c.compile:  # as the trainer does with compile=true: each decoder block
-        autotune = c.method == "rl-lora-autotune" and args.compile_backend == "inductor"  # (an inductor option)
-        kw = {"options": {"max_autotune_gemm": True}} if autotune else {}
-        compile_blocks(model, backend=args.compile_backend, dynamic=False, **kw)
+        options = TUNED.get(c.method, {}) if args.compile_backend == "inductor" else {}  # (inductor options)
+        lm.COMPILE_OPTIONS = options  # the fused head's compiled softmax too
+        compile_blocks(model, backend=args.compile_backend, dynamic=False, **({"options": options} if options else {}))
     opt = torch.optim.AdamW(groups, lr=1e-5, fused=True) if groups else None
     model.train()
     amp = c.method not in ("hf-full-bf16", "peft-plain")  # the plain reference and loop: bf16 weights, no autocast
@@ -353,7 +359,7 @@ def ab_lines(rows: list[dict]) -> list[str]:
     for (sec, m), r in ok.items():
         base = ok.get((sec, "rl-lora+compile" if "+compile" in m else "rl-lora"))
         if not base or m.split("+")[0] not in ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode",
-                                                            "rl-lora-autotune"):
+                                                            "rl-lora-autotune", "rl-lora-tuned"):
             continue
         mem = (f", peak memory {base['peak_mem_gib']:.1f} vs {r['peak_mem_gib']:.1f} GiB "
                f"({base['peak_mem_gib'] / r['peak_mem_gib']:.2f}x)") if r["peak_mem_gib"] else ""

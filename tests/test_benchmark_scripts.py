@@ -17,7 +17,7 @@ def test_gpu_step_tiny_runs_every_selected_case(tmp_path):
     cases = ("dense:hf-full-bf16,dense:rl-lora,dense:peft,dense:rl-lora+compile,moe:rl-lora,moe:rl-full,"
              "moe:rl-lora+compile,moe:rl-full+compile,dense:peft-plain,moe:peft-plain,"
              "dense:rl-lora-fusednode+compile,dense:floor+compile,moe:floor+compile,dense:rl-lora-nogroup+compile,"
-             "moe:rl-lora-autotune+compile")  # script order
+             "moe:rl-lora-autotune+compile,dense:rl-lora-tuned+compile")  # script order
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_step.py"), "--tiny", "--out", str(out),
                         "--only", cases], check=False, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")})
@@ -31,6 +31,7 @@ def test_gpu_step_tiny_runs_every_selected_case(tmp_path):
     assert "- dense: rl-lora+compile vs rl-lora-fusednode+compile: step" in text
     assert "- dense: rl-lora+compile vs rl-lora-nogroup+compile: step" in text
     assert "- moe: rl-lora+compile vs rl-lora-autotune+compile: step" in text
+    assert "- dense: rl-lora+compile vs rl-lora-tuned+compile: step" in text
     assert "- dense: the frozen floor (floor+compile) takes" in text
 
 

@@ -258,20 +258,22 @@ def test_expert_gate_up_fused_equals_separate(family):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_base_and_up_matches_the_formula_and_gradcheck(bias):
-    """`base_and_up` (the compiled path's [x | s·x·Aᵀ]·[W | B]ᵀ, one GEMM over K = d_in + R) against the plain
-    float64 formula x·Wᵀ + b + ((x·Aᵀ) ⊙ s)·Bᵀ, with one scale per column of x·Aᵀ as a group has; and
-    torch.autograd.gradcheck of x, A and B through its own backward (W and b frozen)."""
+    """`base_and_up` (the compiled path's [x | s·x·Aᵀ]·[W | blockdiag(B_1, B_2)]ᵀ, one GEMM over K = d_in + Σ r)
+    against the plain float64 formula x·Wᵀ + b + Σ_i s_i·(x·A_iᵀ)·B_iᵀ of two members with their own scales; and
+    torch.autograd.gradcheck of x, A and both B's through its own backward (W and b frozen)."""
     from regretless.lora.layer import base_and_up
 
     g = torch.Generator().manual_seed(0)
-    N, d_in, d_out, R = 7, 6, 9, 5
+    N, d_in, (d1, d2), (r1, r2) = 7, 6, (9, 4), (2, 3)
     x = torch.randn(2, N, d_in, dtype=torch.float64, generator=g, requires_grad=True)
-    A = torch.randn(R, d_in, dtype=torch.float64, generator=g, requires_grad=True)
-    B = torch.randn(d_out, R, dtype=torch.float64, generator=g, requires_grad=True)
-    W = torch.randn(d_out, d_in, dtype=torch.float64, generator=g)
-    b = torch.randn(d_out, dtype=torch.float64, generator=g) if bias else None
-    s = torch.tensor([8.0, 8.0, 16.0, 16.0, 16.0], dtype=torch.float64)
-    got = base_and_up(x, A, B, s, W, b)
-    want = x @ W.T + (0 if b is None else b) + ((x @ A.T) * s) @ B.T
+    A = torch.randn(r1 + r2, d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    B1 = torch.randn(d1, r1, dtype=torch.float64, generator=g, requires_grad=True)
+    B2 = torch.randn(d2, r2, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(d1 + d2, d_in, dtype=torch.float64, generator=g)
+    b = torch.randn(d1 + d2, dtype=torch.float64, generator=g) if bias else None
+    s = torch.tensor([8.0] * r1 + [16.0] * r2, dtype=torch.float64)
+    got = base_and_up(x, A, [B1, B2], s, W, b)
+    xa = x @ A.T
+    want = x @ W.T + (0 if b is None else b) + torch.cat([8.0 * xa[..., :r1] @ B1.T, 16.0 * xa[..., r1:] @ B2.T], -1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x_, A_, B_: base_and_up(x_, A_, B_, s, W, b), (x, A, B))
+    assert torch.autograd.gradcheck(lambda x_, A_, B1_, B2_: base_and_up(x_, A_, [B1_, B2_], s, W, b), (x, A, B1, B2))

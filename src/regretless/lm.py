@@ -203,11 +203,12 @@ def softmax_nll_grad(z_C_V: torch.Tensor, y_C: torch.Tensor, cap: float | None) 
 
 
 COMPILE_BACKEND = "inductor"  # of the compiled softmax_nll_grad (tests on CPU use aot_eager)
+COMPILE_OPTIONS: dict = {}  # inductor options for it (benchmarks/gpu_step.py's tuned A/B sets some)
 
 
 @functools.cache
-def _compiled_softmax_nll_grad(backend: str):
-    return torch.compile(softmax_nll_grad, backend=backend, dynamic=False)
+def _compiled_softmax_nll_grad(backend: str, options: tuple = ()):
+    return torch.compile(softmax_nll_grad, backend=backend, dynamic=False, options=dict(options) or None)
 
 
 def head_nll_sum(h_N_H: torch.Tensor, W_V_H: torch.Tensor, b_V: torch.Tensor | None, y_N: torch.Tensor,
@@ -216,7 +217,8 @@ def head_nll_sum(h_N_H: torch.Tensor, W_V_H: torch.Tensor, b_V: torch.Tensor | N
     cap·tanh(·/cap) when `cap` is given. Gradients reach h, W and b wherever they require them. `compiled`:
     each chunk's softmax and gradient run as `softmax_nll_grad` under torch.compile (a trained bias keeps
     the eager path)."""
-    fn = _compiled_softmax_nll_grad(COMPILE_BACKEND) if compiled else None
+    opts = tuple(sorted(COMPILE_OPTIONS.items())) if COMPILE_BACKEND == "inductor" else ()
+    fn = _compiled_softmax_nll_grad(COMPILE_BACKEND, opts) if compiled else None
     return _FusedHeadNLL.apply(h_N_H, W_V_H, b_V, y_N, cap, chunk or FUSED_CHUNK, compute_dtype(W_V_H), fn)
 
 

@@ -106,33 +106,40 @@ class _LoRAGroupFn(torch.autograd.Function):
 
 
 class _BaseAndUpFn(torch.autograd.Function):
-    """y = [x | u]·[W | B]ᵀ (+ b): the frozen base and the LoRA up-projection of u = s·x·Aᵀ in one GEMM over
-    K = d_in + R, written for torch.compile (plain ops in both directions). The (N, d_out) LoRA output is never
-    written and added to the base's; backward reads g once for both input gradients, [dx | du] = g·[W | B], and
-    once for dB = gᵀ·u. W and b frozen (no gradient); [W | B] is rebuilt in backward rather than kept."""
+    """y = [x | u]·[W | B]ᵀ (+ b) with B = blockdiag(B_1, ..., B_n): the frozen base and the LoRA up-projections of
+    u = [s_1·x·A_1ᵀ | ... | s_n·x·A_nᵀ] in one GEMM over K = d_in + Σ r, written for torch.compile (plain ops in
+    both directions). The (N, d_out) LoRA output is never written and added to the base's; backward reads g once
+    for both input gradients, [dx | du] = g·[W | B], and once for the dB_i = g_iᵀ·u_i (each member's own block,
+    contiguous, no off-diagonal work). W and b frozen (no gradient); [W | B] is rebuilt in backward, not kept."""
 
     @staticmethod
-    def forward(ctx, x_N_in, u_N_R, W, B, b):
-        xu = torch.cat([x_N_in, u_N_R], 1)  # (N, d_in + R)
-        Wc = torch.cat([W, B], 1)  # (d_out, d_in + R)
+    def forward(ctx, x_N_in, u_N_R, W, b, *Bs):
+        xu = torch.cat([x_N_in, u_N_R], 1)  # (N, d_in + Σ r)
+        Wc = torch.cat([W, torch.block_diag(*Bs)], 1)  # (Σ d_out, d_in + Σ r)
         y = torch.addmm(b, xu, Wc.T) if b is not None else xu @ Wc.T
-        ctx.save_for_backward(u_N_R, W, B)
+        ctx.save_for_backward(u_N_R, W, *Bs)
         return y
 
     @staticmethod
     def backward(ctx, g_N_out):
-        u, W, B = ctx.saved_tensors
-        dxu = g_N_out @ torch.cat([W, B], 1)  # (N, d_in + R)
-        dB = g_N_out.T @ u if ctx.needs_input_grad[3] else None
-        return dxu[:, :W.shape[1]], dxu[:, W.shape[1]:], None, dB, None
+        u, W, *Bs = ctx.saved_tensors
+        d_in = W.shape[1]
+        dxu = g_N_out @ torch.cat([W, torch.block_diag(*Bs)], 1)  # (N, d_in + Σ r)
+        dBs, o, r = [], 0, 0
+        for i, B in enumerate(Bs):
+            d, k = B.shape
+            dBs.append(g_N_out[:, o:o + d].T @ u[:, r:r + k] if ctx.needs_input_grad[4 + i] else None)
+            o, r = o + d, r + k
+        return dxu[:, :d_in], dxu[:, d_in:], None, None, *dBs
 
 
-def base_and_up(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor | float,
+def base_and_up(x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor], scales: torch.Tensor | float,
                 W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x·Wᵀ (+ b) + (s·x·Aᵀ)·Bᵀ for x (..., d_in), A (R, d_in), B (d_out, R), s a scalar or one scale per column
-    of x·Aᵀ, all in one dtype: the LoRA up-projection rides on the base GEMM (`_BaseAndUpFn`)."""
+    """x·Wᵀ (+ b) + (s·x·Aᵀ)·blockdiag(B_1, ..., B_n)ᵀ for x (..., d_in), A (Σ r, d_in), B_i (d_i, r_i) with
+    Σ d_i = W's rows, s a scalar or one scale per column of x·Aᵀ, all in one dtype: the LoRA up-projections ride
+    on the base GEMM (`_BaseAndUpFn`)."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = _BaseAndUpFn.apply(x2, (x2 @ A.T) * scales, W, B, b)
+    y = _BaseAndUpFn.apply(x2, (x2 @ A.T) * scales, W, b, *Bs)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -215,9 +222,8 @@ class SharedInputGroup:
                 [m.base_layer.weight.new_zeros(m.out_features) if m.base_layer.bias is None else m.base_layer.bias
                  for m in ms]).to(dt)
             A = torch.cat([m.lora_A for m in ms]).to(dt)  # (Σ r, d_in)
-            B = torch.block_diag(*[m.lora_B.to(dt) for m in ms])  # (Σ d_out, Σ r)
             s = torch.cat([torch.full((m.rank,), float(m.scale), dtype=dt, device=x.device) for m in ms])
-            y = base_and_up(x.to(dt), A, B, s, W, b)  # (..., Σ d_out)
+            y = base_and_up(x.to(dt), A, [m.lora_B.to(dt) for m in ms], s, W, b)  # (..., Σ d_out)
             ys, o = [], 0
             for m in ms:
                 ys.append(y[..., o:o + m.out_features])
@@ -340,7 +346,7 @@ class LoRALinear(nn.Module):
         if torch.compiler.is_compiling() and not self.fused_when_compiled and self.up_in_base_gemm \
                 and not trained_base and self.in_features <= self.out_features:  # the LoRA output would cost more than x·Aᵀ's concat
             with torch.autocast(dev, enabled=False):
-                return base_and_up(x.to(dt), self.lora_A.to(dt), self.lora_B.to(dt), self.scale, W.to(dt),
+                return base_and_up(x.to(dt), self.lora_A.to(dt), [self.lora_B.to(dt)], self.scale, W.to(dt),
                                    None if bias is None else bias.to(dt))
         if trained_base or (torch.compiler.is_compiling() and not self.fused_when_compiled):  # plain ops
             h = x.to(dt)
