@@ -105,3 +105,33 @@ def test_compiled_group_runs_one_gemm_per_group_each_way():
         counts[grouped] = _traced_gemms(model, batch)
     assert counts[False] and all(fw == 21 for fw, _ in counts[False]) and max(bw for _, bw in counts[False]) == 35
     assert counts[True] and all(fw == 9 for fw, _ in counts[True]) and max(bw for _, bw in counts[True]) == 20
+
+
+@pytest.mark.parametrize("config", [tiny_llama_config, tiny_qwen3_moe_config], ids=["llama", "qwen3-moe"])
+def test_compiled_blocks_run_without_grad_as_eager(config):
+    """An eval pass (no_grad, bf16 autocast as the trainer's) through compiled adapted blocks, after a training
+    step traced them with grad: no graph break, the loss as eager's. (Without grad the compiled groups skip their
+    autograd Function, whose *args forward dynamo binds shifted by one under no_grad: ctx gets x.)"""
+    from torch._dynamo.utils import counters
+
+    model = build_model(config(_attn_implementation="sdpa"))
+    apply_lora(model, LoRAConfig(rank=4, alpha=32, targets="all"))
+    ids = torch.randint(3, 512, (4, 23), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    eager = copy.deepcopy(model)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_blocks(model, backend="aot_eager", dynamic=False)
+        with bf16:
+            lm.nll_sum(model, batch)[0].backward()
+            with torch.no_grad():
+                got = lm.nll_sum(model, batch)[0]
+        breaks = dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert not breaks, breaks
+    with bf16, torch.no_grad():
+        want = lm.nll_sum(eager, batch)[0]
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)

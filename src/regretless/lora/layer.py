@@ -114,11 +114,8 @@ class _BaseAndUpFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_N_in, u_N_R, W, b, *Bs):
-        xu = torch.cat([x_N_in, u_N_R], 1)  # (N, d_in + Σ r)
-        Wc = torch.cat([W, torch.block_diag(*Bs)], 1)  # (Σ d_out, d_in + Σ r)
-        y = torch.addmm(b, xu, Wc.T) if b is not None else xu @ Wc.T
         ctx.save_for_backward(u_N_R, W, *Bs)
-        return y
+        return _base_and_up(x_N_in, u_N_R, W, b, Bs)
 
     @staticmethod
     def backward(ctx, g_N_out):
@@ -133,13 +130,22 @@ class _BaseAndUpFn(torch.autograd.Function):
         return dxu[:, :d_in], dxu[:, d_in:], None, None, *dBs
 
 
+def _base_and_up(x_N_in, u_N_R, W, b, Bs) -> torch.Tensor:
+    xu = torch.cat([x_N_in, u_N_R], 1)  # (N, d_in + Σ r)
+    Wc = torch.cat([W, torch.block_diag(*Bs)], 1)  # (Σ d_out, d_in + Σ r)
+    return torch.addmm(b, xu, Wc.T) if b is not None else xu @ Wc.T
+
+
 def base_and_up(x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor], scales: torch.Tensor | float,
                 W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x·Wᵀ (+ b) + (s·x·Aᵀ)·blockdiag(B_1, ..., B_n)ᵀ for x (..., d_in), A (Σ r, d_in), B_i (d_i, r_i) with
     Σ d_i = W's rows, s a scalar or one scale per column of x·Aᵀ, all in one dtype: the LoRA up-projections ride
     on the base GEMM (`_BaseAndUpFn`)."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = _BaseAndUpFn.apply(x2, (x2 @ A.T) * scales, W, b, *Bs)
+    u = (x2 @ A.T) * scales
+    # without grad, the same product without the autograd node: dynamo (torch 2.11 and 2.13) mis-binds the
+    # arguments of a Function.forward with *args that it inlines under no_grad (the first went to ctx's place)
+    y = _BaseAndUpFn.apply(x2, u, W, b, *Bs) if torch.is_grad_enabled() else _base_and_up(x2, u, W, b, Bs)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
