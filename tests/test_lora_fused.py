@@ -272,8 +272,9 @@ def test_base_and_up_matches_the_formula_and_gradcheck(bias):
     W = torch.randn(d1 + d2, d_in, dtype=torch.float64, generator=g)
     b = torch.randn(d1 + d2, dtype=torch.float64, generator=g) if bias else None
     s = torch.tensor([8.0] * r1 + [16.0] * r2, dtype=torch.float64)
-    got = base_and_up(x, A, [B1, B2], s, W, b)
+    got = torch.cat(base_and_up(x, A, [B1, B2], s, W, b), -1)
     xa = x @ A.T
     want = x @ W.T + (0 if b is None else b) + torch.cat([8.0 * xa[..., :r1] @ B1.T, 16.0 * xa[..., r1:] @ B2.T], -1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x_, A_, B1_, B2_: base_and_up(x_, A_, [B1_, B2_], s, W, b), (x, A, B1, B2))
+    assert torch.autograd.gradcheck(lambda x_, A_, B1_, B2_: tuple(base_and_up(x_, A_, [B1_, B2_], s, W, b)),
+                                    (x, A, B1, B2))

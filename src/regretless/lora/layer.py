@@ -108,9 +108,11 @@ class _LoRAGroupFn(torch.autograd.Function):
 class _BaseAndUpFn(torch.autograd.Function):
     """y = [x | u]·[W | B]ᵀ (+ b) with B = blockdiag(B_1, ..., B_n): the frozen base and the LoRA up-projections of
     u = [s_1·x·A_1ᵀ | ... | s_n·x·A_nᵀ] in one GEMM over K = d_in + Σ r, written for torch.compile (plain ops in
-    both directions). The (N, d_out) LoRA output is never written and added to the base's; backward reads g once
-    for both input gradients, [dx | du] = g·[W | B], and once for the dB_i = g_iᵀ·u_i (each member's own block,
-    contiguous, no off-diagonal work). W and b frozen (no gradient); [W | B] is rebuilt in backward, not kept."""
+    both directions), returned as the members' outputs y_i (column blocks of y). The (N, d_out) LoRA output is
+    never written and added to the base's; backward concatenates the members' gradients (which the compiler has
+    their producers write in place) and reads them once for both input gradients, [dx | du] = g·[W | B], and
+    once for the dB_i = g_iᵀ·u_i (each member's own block, no off-diagonal work). W and b frozen (no gradient);
+    [W | B] is rebuilt in backward, not kept."""
 
     @staticmethod
     def forward(ctx, x_N_in, u_N_R, W, b, *Bs):
@@ -118,35 +120,36 @@ class _BaseAndUpFn(torch.autograd.Function):
         return _base_and_up(x_N_in, u_N_R, W, b, Bs)
 
     @staticmethod
-    def backward(ctx, g_N_out):
+    def backward(ctx, *g_N_out):
         u, W, *Bs = ctx.saved_tensors
         d_in = W.shape[1]
-        dxu = g_N_out @ torch.cat([W, torch.block_diag(*Bs)], 1)  # (N, d_in + Σ r)
-        dBs, o, r = [], 0, 0
-        for i, B in enumerate(Bs):
-            d, k = B.shape
-            dBs.append(g_N_out[:, o:o + d].T @ u[:, r:r + k] if ctx.needs_input_grad[4 + i] else None)
-            o, r = o + d, r + k
+        dxu = torch.cat(g_N_out, 1) @ torch.cat([W, torch.block_diag(*Bs)], 1)  # (N, d_in + Σ r)
+        dBs, r = [], 0
+        for i, (g, B) in enumerate(zip(g_N_out, Bs)):
+            k = B.shape[1]
+            dBs.append(g.T @ u[:, r:r + k] if ctx.needs_input_grad[4 + i] else None)
+            r += k
         return dxu[:, :d_in], dxu[:, d_in:], None, None, *dBs
 
 
-def _base_and_up(x_N_in, u_N_R, W, b, Bs) -> torch.Tensor:
+def _base_and_up(x_N_in, u_N_R, W, b, Bs) -> tuple[torch.Tensor, ...]:
     xu = torch.cat([x_N_in, u_N_R], 1)  # (N, d_in + Σ r)
     Wc = torch.cat([W, torch.block_diag(*Bs)], 1)  # (Σ d_out, d_in + Σ r)
-    return torch.addmm(b, xu, Wc.T) if b is not None else xu @ Wc.T
+    y = torch.addmm(b, xu, Wc.T) if b is not None else xu @ Wc.T
+    return y.split([B.shape[0] for B in Bs], 1)
 
 
 def base_and_up(x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor], scales: torch.Tensor | float,
-                W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x·Wᵀ (+ b) + (s·x·Aᵀ)·blockdiag(B_1, ..., B_n)ᵀ for x (..., d_in), A (Σ r, d_in), B_i (d_i, r_i) with
-    Σ d_i = W's rows, s a scalar or one scale per column of x·Aᵀ, all in one dtype: the LoRA up-projections ride
-    on the base GEMM (`_BaseAndUpFn`)."""
+                W: torch.Tensor, b: torch.Tensor | None) -> list[torch.Tensor]:
+    """The members' outputs y_i of x·Wᵀ (+ b) + (s·x·Aᵀ)·blockdiag(B_1, ..., B_n)ᵀ for x (..., d_in), A (Σ r, d_in),
+    B_i (d_i, r_i) with Σ d_i = W's rows, s a scalar or one scale per column of x·Aᵀ, all in one dtype: the LoRA
+    up-projections ride on the base GEMM (`_BaseAndUpFn`)."""
     x2 = x.reshape(-1, x.shape[-1])
     u = (x2 @ A.T) * scales
     # without grad, the same product without the autograd node: dynamo (torch 2.11 and 2.13) mis-binds the
     # arguments of a Function.forward with *args that it inlines under no_grad (the first went to ctx's place)
-    y = _BaseAndUpFn.apply(x2, u, W, b, *Bs) if torch.is_grad_enabled() else _base_and_up(x2, u, W, b, Bs)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    ys = _BaseAndUpFn.apply(x2, u, W, b, *Bs) if torch.is_grad_enabled() else _base_and_up(x2, u, W, b, Bs)
+    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
 SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
@@ -229,11 +232,7 @@ class SharedInputGroup:
                  for m in ms]).to(dt)
             A = torch.cat([m.lora_A for m in ms]).to(dt)  # (Σ r, d_in)
             s = torch.cat([torch.full((m.rank,), float(m.scale), dtype=dt, device=x.device) for m in ms])
-            y = base_and_up(x.to(dt), A, [m.lora_B.to(dt) for m in ms], s, W, b)  # (..., Σ d_out)
-            ys, o = [], 0
-            for m in ms:
-                ys.append(y[..., o:o + m.out_features])
-                o += m.out_features
+            ys = base_and_up(x.to(dt), A, [m.lora_B.to(dt) for m in ms], s, W, b)  # each (..., d_out_i)
         self._traced = (x, {j: yj for j, yj in enumerate(ys) if j != i})
         return ys[i]
 
@@ -353,7 +352,7 @@ class LoRALinear(nn.Module):
                 and not trained_base and self.in_features <= self.out_features:  # the LoRA output would cost more than x·Aᵀ's concat
             with torch.autocast(dev, enabled=False):
                 return base_and_up(x.to(dt), self.lora_A.to(dt), [self.lora_B.to(dt)], self.scale, W.to(dt),
-                                   None if bias is None else bias.to(dt))
+                                   None if bias is None else bias.to(dt))[0]
         if trained_base or (torch.compiler.is_compiling() and not self.fused_when_compiled):  # plain ops
             h = x.to(dt)
             return self.base_layer(x) + (self.scale * (h @ self.lora_A.to(dt).T) @ self.lora_B.to(dt).T)
