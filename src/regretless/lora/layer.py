@@ -109,10 +109,10 @@ class _BaseAndUpFn(torch.autograd.Function):
     """y = [x | u]·[W | B]ᵀ (+ b) with B = blockdiag(B_1, ..., B_n): the frozen base and the LoRA up-projections of
     u = [s_1·x·A_1ᵀ | ... | s_n·x·A_nᵀ] in one GEMM over K = d_in + Σ r, written for torch.compile (plain ops in
     both directions), returned as the members' outputs y_i (column blocks of y). The (N, d_out) LoRA output is
-    never written and added to the base's; backward concatenates the members' gradients (which the compiler has
-    their producers write in place) and reads them once for both input gradients, [dx | du] = g·[W | B], and
-    once for the dB_i = g_iᵀ·u_i (each member's own block, no off-diagonal work). W and b frozen (no gradient);
-    [W | B] is rebuilt in backward, not kept."""
+    never written and added to the base's; backward reads each member's gradient once for both input gradients,
+    [dx | du] = Σ_i g_i·[W_i | B_i] accumulated inside the GEMMs (addmm, beta = 1: no concatenated gradient, which
+    inductor assembled slowly), and once for dB_i = g_iᵀ·u_i (each member's own block, no off-diagonal work).
+    W and b frozen (no gradient); [W | B] is rebuilt in backward, not kept."""
 
     @staticmethod
     def forward(ctx, x_N_in, u_N_R, W, b, *Bs):
@@ -123,12 +123,14 @@ class _BaseAndUpFn(torch.autograd.Function):
     def backward(ctx, *g_N_out):
         u, W, *Bs = ctx.saved_tensors
         d_in = W.shape[1]
-        dxu = torch.cat(g_N_out, 1) @ torch.cat([W, torch.block_diag(*Bs)], 1)  # (N, d_in + Σ r)
-        dBs, r = [], 0
+        Wc = torch.cat([W, torch.block_diag(*Bs)], 1)  # (Σ d_out, d_in + Σ r)
+        dxu, dBs, o, r = None, [], 0, 0
         for i, (g, B) in enumerate(zip(g_N_out, Bs)):
-            k = B.shape[1]
+            d, k = B.shape
+            Wc_i = Wc[o:o + d]  # member i's rows: [W_i | 0 .. B_i .. 0]
+            dxu = g @ Wc_i if dxu is None else torch.addmm(dxu, g, Wc_i)  # accumulated in the GEMM (beta = 1)
             dBs.append(g.T @ u[:, r:r + k] if ctx.needs_input_grad[4 + i] else None)
-            r += k
+            o, r = o + d, r + k
         return dxu[:, :d_in], dxu[:, d_in:], None, None, *dBs
 
 
