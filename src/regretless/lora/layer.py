@@ -206,15 +206,14 @@ class SharedInputGroup:
         self._key = (weakref.ref(x), torch.is_grad_enabled(), amp)
         return ys[i]
 
-
     def traced(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
         """Under torch.compile: the take() of plain ops. The first member called computes the whole group,
         y = x·[W_1; ...; W_n]ᵀ (+ b) + (x·[A_1; ...; A_n]ᵀ ⊙ s)·blockdiag(B_1, ..., B_n)ᵀ with the up-projection
-        riding on the base GEMM (`base_and_up`), and keeps the other members' columns of y for them (the compiler
-        traces this hand-over away). So the group runs one A GEMM and one base GEMM forward, and backward one GEMM
-        for [dx | du], one for dB, one for dA and one for the LoRA part of dx: x and g read once each way, no sum
-        of n input gradients. The concatenated frozen weights are a (Σ d_out, d_in + Σ r) copy per step, small
-        next to the (N, d_in) activations. None: use the own path."""
+        riding on the base GEMM (`base_and_up`), and keeps the other members' outputs for them (the compiler
+        traces this hand-over away). So the group runs one A GEMM and one base GEMM forward; backward, per member
+        one GEMM accumulating into [dx | du] and one for dB_i, then one for dA and one for the LoRA part of dx:
+        x read once each way, no sum of n input gradients. The concatenated frozen weights are a
+        (Σ d_out, d_in + Σ r) copy per step, small next to the (N, d_in) activations. None: use the own path."""
         i = next(j for j, m in enumerate(self.members) if m is member)
         held = self._traced
         if held is not None and held[0] is x and i in held[1]:
@@ -287,7 +286,7 @@ class LoRALinear(nn.Module):
         self._backup: torch.Tensor | None = None
         self.group_fusion = True  # use the SharedInputGroup path when a group is set
         self.fused_when_compiled = False  # under torch.compile: the fused node (True) or plain ops inductor fuses
-        self.up_in_base_gemm = True  # under torch.compile, plain ops: x·Aᵀ's up-projection inside the base GEMM
+        self.up_in_base_gemm = True  # compiled, alone (not in a group): the up-projection inside the base GEMM
         self._group: SharedInputGroup | None = None
         self._decode_weight: torch.Tensor | None = None  # W + s·B·A, set by merge.merged_for_decoding
 
@@ -350,8 +349,9 @@ class LoRALinear(nn.Module):
             W = W.T  # (d_out, d_in) view
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
         trained_base = W.requires_grad or (bias is not None and bias.requires_grad)
+        # compiled, d_in <= d_out: writing and adding the (N, d_out) LoRA output costs more than [x | s·x·Aᵀ]
         if torch.compiler.is_compiling() and not self.fused_when_compiled and self.up_in_base_gemm \
-                and not trained_base and self.in_features <= self.out_features:  # the LoRA output would cost more than x·Aᵀ's concat
+                and not trained_base and self.in_features <= self.out_features:
             with torch.autocast(dev, enabled=False):
                 return base_and_up(x.to(dt), self.lora_A.to(dt), [self.lora_B.to(dt)], self.scale, W.to(dt),
                                    None if bias is None else bias.to(dt))[0]
