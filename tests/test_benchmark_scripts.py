@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ def test_gpu_step_tiny_runs_every_selected_case(tmp_path):
     assert all("error" not in x and x["step_s"] > 0 and x["loss"] > 0 for x in rows), rows
     text = out.read_text()
     assert "Issue 12 targets:" in text and "rl-lora+compile" in text
-    assert "dense: best regretless LoRA (rl-lora+compile) tokens/s vs PEFT eager in a plain loop" in text
+    assert re.search(r"dense: best regretless LoRA \(rl-lora(\+compile)?\) tokens/s vs PEFT eager in a plain loop",
+                     text)  # the faster of eager and compiled, which on tiny CPU shapes is either
     assert "- dense: rl-lora+compile vs rl-lora-fusednode+compile: step" in text
     assert "- dense: rl-lora+compile vs rl-lora-nogroup+compile: step" in text
     assert "- dense: rl-lora+compile vs rl-lora-tuned+compile: step" in text
