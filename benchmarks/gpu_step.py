@@ -169,8 +169,8 @@ def attention_flops_per_token(cfg, seq: int) -> float:
 
 def set_group_fusion(model, on: bool) -> None:
     for _, m in lora_modules(model):
-        if hasattr(m, "group_fusion"):  # dense q/k/v and gate/up groups; compiled, the up-projection in the base GEMM
-            m.group_fusion = m.up_in_base_gemm = on
+        if hasattr(m, "group_fusion"):  # dense q/k/v and gate/up groups (compiled: and the up-projection
+            m.group_fusion = m.up_in_base_gemm = on  # inside the base GEMM of the adapters alone)
         if hasattr(m, "fuse_gate_up"):  # routed experts' gate/up pair
             m.fuse_gate_up = on
 
@@ -358,8 +358,7 @@ def ab_lines(rows: list[dict]) -> list[str]:
     out = []
     for (sec, m), r in ok.items():
         base = ok.get((sec, "rl-lora+compile" if "+compile" in m else "rl-lora"))
-        if not base or m.split("+")[0] not in ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode",
-                                                            "rl-lora-autotune", "rl-lora-tuned"):
+        if not base or m.split("+")[0] not in ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode", *TUNED):
             continue
         mem = (f", peak memory {base['peak_mem_gib']:.1f} vs {r['peak_mem_gib']:.1f} GiB "
                f"({base['peak_mem_gib'] / r['peak_mem_gib']:.2f}x)") if r["peak_mem_gib"] else ""
