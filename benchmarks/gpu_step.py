@@ -24,7 +24,9 @@ Methods
                  `-autotune+compile` = compiled with inductor's GEMM autotuning (max_autotune_gemm: Triton
                  templates, the grouped expert GEMMs among them, against the ATen kernels);
                  `-tuned+compile` = compiled with inductor's coordinate-descent tuning of its generated kernels'
-                 launch configurations (the blocks' fused element-wise kernels and the head's softmax)
+                 launch configurations (the blocks' fused element-wise kernels and the head's softmax);
+                 `-slotdown` = the routed experts' down adapter per slot (a grouped up-projection writing an
+                 (S, H) delta) instead of after the tokens' sum in token space (A/B)
   floor          the frozen floor: the bf16 base with no adapters, no weight gradients, input gradients through
                  every layer (the embeddings' output asks for one), the fused head: what a LoRA step on this base
                  cannot go below with these kernels; MFU counts 4·N + attention
@@ -68,6 +70,7 @@ from regretless.models import autocast_experts
 from regretless.train import compile_blocks, to_device
 
 PEAK_FLOPS = 989e12  # H200 SXM dense bf16
+AB_VARIANTS = ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode", "rl-lora-slotdown")  # one change each
 TUNED = {"rl-lora-autotune": {"max_autotune_gemm": True},  # inductor options of the tuned A/B cases
          "rl-lora-tuned": {"coordinate_descent_tuning": True}}
 
@@ -92,7 +95,7 @@ TINY = {"llama-3.2-1b": {"hidden_size": 64, "intermediate_size": 128, "num_hidde
 class Case:
     section: str  # dense | moe | long
     shape: str
-    method: str  # hf-full-bf16 | rl-full | rl-lora | rl-lora-nogroup | rl-lora-plaince | peft
+    method: str  # hf-full-bf16 | rl-full | rl-lora | rl-lora-nogroup | rl-lora-plaince | rl-lora-slotdown | peft
     batch: int
     seq: int
     compile: bool = False
@@ -127,6 +130,7 @@ def cases(tiny: bool) -> list[Case]:
         # input gradients through every layer, the fused head), and the A/Bs of the compiled groups and autotuning
         Case("dense", d, "floor", B, T, compile=True, est_s=50), Case("moe", m, "floor", B, T, compile=True, est_s=70),
         Case("dense", d, "rl-lora-nogroup", B, T, compile=True, est_s=60),
+        Case("moe", m, "rl-lora-slotdown", B, T, compile=True, est_s=80),
         Case("moe", m, "rl-lora-autotune", B, T, compile=True, est_s=300),
         Case("dense", d, "rl-lora-tuned", B, T, compile=True, est_s=120),
         Case("moe", m, "rl-lora-tuned", B, T, compile=True, est_s=150),
@@ -195,6 +199,9 @@ def run_case(c: Case, args, device: str) -> dict:
     elif c.method.startswith("rl-lora"):
         apply_lora(model, lcfg)
         set_group_fusion(model, c.method != "rl-lora-nogroup")  # compiled: also the up-projection's concat
+        for _, mod in lora_modules(model):
+            if hasattr(mod, "down_in_token_space"):  # the routed experts' down adapter
+                mod.down_in_token_space = c.method != "rl-lora-slotdown"
         for _, mod in lora_modules(model):
             if hasattr(mod, "fused_when_compiled"):  # the dense adapters (LoRALinear)
                 mod.fused_when_compiled = c.method == "rl-lora-fusednode"
@@ -303,8 +310,14 @@ def profile_step(step) -> dict:
     for e in events:
         kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.device_time_total / 1e3
     top = sorted(events, key=lambda e: -e.device_time_total)[:25]
+    every: dict[str, list] = {}  # every kernel of >= 20 us in the step, by name (cut, summed): diff two cases
+    for e in events:
+        if e.device_time_total >= 20:
+            name = e.key if len(e.key) <= 100 else e.key[:60] + "..." + e.key[-37:]  # templates differ at the end
+            ms, n = every.get(name, (0.0, 0))
+            every[name] = [round(ms + e.device_time_total / 1e3, 3), n + e.count]
     return {"kinds_ms": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "kernel_ms": round(sum(kinds.values()), 1),
+            "kernel_ms": round(sum(kinds.values()), 1), "kernels": every,
             "top": [f"{e.device_time_total / 1e3:7.1f} ms x{e.count:<4} {e.key[:110]}" for e in top]}
 
 
@@ -358,7 +371,7 @@ def ab_lines(rows: list[dict]) -> list[str]:
     out = []
     for (sec, m), r in ok.items():
         base = ok.get((sec, "rl-lora+compile" if "+compile" in m else "rl-lora"))
-        if not base or m.split("+")[0] not in ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode", *TUNED):
+        if not base or m.split("+")[0] not in (*AB_VARIANTS, *TUNED):
             continue
         mem = (f", peak memory {base['peak_mem_gib']:.1f} vs {r['peak_mem_gib']:.1f} GiB "
                f"({base['peak_mem_gib'] / r['peak_mem_gib']:.2f}x)") if r["peak_mem_gib"] else ""

@@ -256,16 +256,18 @@ def test_expert_gate_up_fused_equals_separate(family):
         torch.testing.assert_close(a[2][n], b[2][n], **tol, msg=n)
 
 
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "x-frozen"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_base_and_up_matches_the_formula_and_gradcheck(bias):
+def test_base_and_up_matches_the_formula_and_gradcheck(bias, x_grad):
     """`base_and_up` (the compiled path's [x | s·x·Aᵀ]·[W | blockdiag(B_1, B_2)]ᵀ, one GEMM over K = d_in + Σ r)
     against the plain float64 formula x·Wᵀ + b + Σ_i s_i·(x·A_iᵀ)·B_iᵀ of two members with their own scales; and
-    torch.autograd.gradcheck of x, A and both B's through its own backward (W and b frozen)."""
+    torch.autograd.gradcheck of x, A and both B's through its own backward (W and b frozen), also with x frozen
+    (the first block's input: its backward computes no dx)."""
     from regretless.lora.layer import base_and_up
 
     g = torch.Generator().manual_seed(0)
     N, d_in, (d1, d2), (r1, r2) = 7, 6, (9, 4), (2, 3)
-    x = torch.randn(2, N, d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(2, N, d_in, dtype=torch.float64, generator=g, requires_grad=x_grad)
     A = torch.randn(r1 + r2, d_in, dtype=torch.float64, generator=g, requires_grad=True)
     B1 = torch.randn(d1, r1, dtype=torch.float64, generator=g, requires_grad=True)
     B2 = torch.randn(d2, r2, dtype=torch.float64, generator=g, requires_grad=True)

@@ -111,6 +111,9 @@ def experts_layout(module: nn.Module) -> ExpertsLayout | str:
     return ExpertsLayout(E, H, I, gated, transposed, bool(getattr(module, "is_concatenated", True)), bias, batched)
 
 
+TOKEN_SPACE_MAX_E_PER_K = 32  # the dense token-space GEMM does E/K x the grouped one's FLOPs at ~35x its rate
+
+
 def _pad_rank(A: torch.Tensor, B: torch.Tensor, mult: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad A (E, in, r) and B (E, r, out) to a rank that is a multiple of `mult` (exact)."""
     pad = -A.shape[-1] % mult
@@ -290,6 +293,7 @@ class LoRAExperts(nn.Module):
         self.enabled = True
         self.merged = False
         self.fuse_gate_up = True  # gate and up adapters in one pair of GEMMs (`_delta_gate_up`)
+        self.down_in_token_space = True  # the down adapter's up-projection after the tokens' sum (`_down_in_token_space`)
         self._backup: dict[str, torch.Tensor] = {}
 
     def __getattr__(self, name: str):  # the MoE block may read attributes of its experts (num_experts, ...)
@@ -390,12 +394,42 @@ class LoRAExperts(nn.Module):
         y = route.mm(h, self._w_in_out("down_proj"))  # (S, H)
         if lay.bias:
             y = y + base.down_proj_bias[route.expert_c]
-        d = self._delta("down_proj", h, route.mm)
-        if d is not None:
-            y = y + d
-        if getattr(base, "has_post_expert_norm", False):
+        post_norm = getattr(base, "has_post_expert_norm", False)
+        tokens = self._down_in_token_space(h, route, top_k_index, top_k_weights) if not post_norm else None
+        if tokens is None:
+            d = self._delta("down_proj", h, route.mm)
+            if d is not None:
+                y = y + d
+        if post_norm:
             y = base.post_expert_norm(y)
-        return route.combine(y, top_k_weights).to(hidden_states.dtype)  # (T, H)
+        out = route.combine(y, top_k_weights)  # (T, H) fp32
+        return (out if tokens is None else out + tokens).to(hidden_states.dtype)
+
+    def _down_in_token_space(self, h_S: torch.Tensor, route: Routing, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor | None:
+        """The down adapter's share of the tokens' weighted sum, Σ_k w_tk·s·B_e(t,k)·A_e(t,k)·h_(t,k), computed in
+        token space: u = h·A_eᵀ per slot (grouped, r columns), then each token's K rows w_tk·u placed at their
+        experts' columns of a (T, (E + 1)·r) matrix Z (the extra block takes slots routed to no local expert) and
+        one dense GEMM Z·[s·B_1ᵀ; ...; s·B_Eᵀ; 0]. It replaces the grouped up-projection that wrote an (S, H)
+        delta (S = T·K rows) and read it back, whose rank-r GEMMs run far below the GPU's rate (measured on the
+        H200 at Qwen3-30B-A3B's shape, forward + backward: 0.82 ms a layer grouped, 0.36 ms in token space), at
+        E/K times its FLOPs: used while E <= TOKEN_SPACE_MAX_E_PER_K·K. None: not used (the per-slot path runs)."""
+        if not (self.down_in_token_space and self._active() and "down" in self.specs
+                and self.specs["down"][0] == "down_proj"):
+            return None
+        E, K = self.layout.n_experts, route.K
+        if E > TOKEN_SPACE_MAX_E_PER_K * K:
+            return None
+        A, B = _pad_rank(*self._lora_in_out("down", h_S.dtype, self.scales["down"]), 8)  # (E, I, r), (E, r, H)
+        r = A.shape[-1]
+        u_S = route.mm(h_S, A)  # (S, r), rows in expert order
+        T = top_k_index.shape[0]
+        w = top_k_weights.reshape(T, K).to(h_S.dtype)
+        z_T_K = torch.where(route.valid_T_K[..., None], u_S[route.inverse_T_K] * w[..., None], 0)  # (T, K, r)
+        cols = top_k_index.reshape(T, K).clamp(0, E)[..., None].expand(T, K, r)  # expert id; E: no local expert
+        Z = z_T_K.new_zeros(T, E + 1, r).scatter(1, cols, z_T_K)  # a token's experts are distinct
+        B_all = torch.cat([B.reshape(E * r, -1), B.new_zeros(r, B.shape[-1])])  # ((E + 1)·r, H)
+        return Z.reshape(T, (E + 1) * r) @ B_all
 
     def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         lay = self.layout

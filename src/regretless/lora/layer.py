@@ -123,6 +123,12 @@ class _BaseAndUpFn(torch.autograd.Function):
     def backward(ctx, *g_N_out):
         u, W, *Bs = ctx.saved_tensors
         d_in = W.shape[1]
+        if not ctx.needs_input_grad[0]:  # x frozen (the first block's input): du = [g_1·B_1 | ... ] alone
+            du = torch.cat([g @ B for g, B in zip(g_N_out, Bs)], 1)
+            r = [B.shape[1] for B in Bs]
+            us = u.split(r, 1)
+            dBs = [g.T @ u_i if ctx.needs_input_grad[4 + i] else None for i, (g, u_i) in enumerate(zip(g_N_out, us))]
+            return None, du, None, None, *dBs
         Wc = torch.cat([W, torch.block_diag(*Bs)], 1)  # (Σ d_out, d_in + Σ r)
         dxu, dBs, o, r = None, [], 0, 0
         for i, (g, B) in enumerate(zip(g_N_out, Bs)):
