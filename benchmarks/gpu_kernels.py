@@ -88,7 +88,7 @@ def routed(rows: list[dict]) -> None:
     expert_S, order_S = torch.sort(top.reshape(-1), stable=True)
     offs = torch.cumsum(torch.bincount(expert_S, minlength=E), 0).to(torch.int32)
     tok_S = order_S // K
-    bf = dict(device="cuda", dtype=torch.bfloat16)
+    bf = {"device": "cuda", "dtype": torch.bfloat16}
 
     def leaf(*shape):
         return (torch.randn(*shape, **bf, generator=g) * 0.02).requires_grad_()
