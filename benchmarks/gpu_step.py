@@ -26,7 +26,10 @@ Methods
                  `-tuned+compile` = compiled with inductor's coordinate-descent tuning of its generated kernels'
                  launch configurations (the blocks' fused element-wise kernels and the head's softmax);
                  `-slotdown` = the routed experts' down adapter per slot (a grouped up-projection writing an
-                 (S, H) delta) instead of after the tokens' sum in token space (A/B)
+                 (S, H) delta) instead of after the tokens' sum in token space (A/B); `-slota` = the first
+                 projection's x·Aᵀ grouped over the slot rows instead of one dense GEMM on the tokens (A/B);
+                 `-addmm+compile` = the compiled q/k/v group's input gradients summed by addmm instead of one
+                 GEMM over the concatenated gradients (A/B)
   floor          the frozen floor: the bf16 base with no adapters, no weight gradients, input gradients through
                  every layer (the embeddings' output asks for one), the fused head: what a LoRA step on this base
                  cannot go below with these kernels; MFU counts 4·N + attention
@@ -66,11 +69,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from regretless import lm
 from regretless.counts import flops_per_token
 from regretless.lora import LoRAConfig, apply_lora, lora_modules, param_groups
+from regretless.lora.layer import _BaseAndUpFn
 from regretless.models import autocast_experts
 from regretless.train import compile_blocks, to_device
 
 PEAK_FLOPS = 989e12  # H200 SXM dense bf16
-AB_VARIANTS = ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode", "rl-lora-slotdown")  # one change each
+AB_VARIANTS = ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode", "rl-lora-slotdown",
+               "rl-lora-slota", "rl-lora-addmm")  # one change each
 TUNED = {"rl-lora-autotune": {"max_autotune_gemm": True},  # inductor options of the tuned A/B cases
          "rl-lora-tuned": {"coordinate_descent_tuning": True}}
 
@@ -95,7 +100,7 @@ TINY = {"llama-3.2-1b": {"hidden_size": 64, "intermediate_size": 128, "num_hidde
 class Case:
     section: str  # dense | moe | long
     shape: str
-    method: str  # hf-full-bf16 | rl-full | rl-lora | rl-lora-nogroup | rl-lora-plaince | rl-lora-slotdown | peft
+    method: str  # hf-full-bf16 | rl-full | rl-lora | rl-lora-nogroup | rl-lora-plaince | rl-lora-slot* | peft
     batch: int
     seq: int
     compile: bool = False
@@ -131,6 +136,8 @@ def cases(tiny: bool) -> list[Case]:
         Case("dense", d, "floor", B, T, compile=True, est_s=50), Case("moe", m, "floor", B, T, compile=True, est_s=70),
         Case("dense", d, "rl-lora-nogroup", B, T, compile=True, est_s=60),
         Case("moe", m, "rl-lora-slotdown", B, T, compile=True, est_s=80),
+        Case("moe", m, "rl-lora-slota", B, T, compile=True, est_s=80),
+        Case("dense", d, "rl-lora-addmm", B, T, compile=True, est_s=60),
         Case("moe", m, "rl-lora-autotune", B, T, compile=True, est_s=300),
         Case("dense", d, "rl-lora-tuned", B, T, compile=True, est_s=120),
         Case("moe", m, "rl-lora-tuned", B, T, compile=True, est_s=150),
@@ -199,9 +206,11 @@ def run_case(c: Case, args, device: str) -> dict:
     elif c.method.startswith("rl-lora"):
         apply_lora(model, lcfg)
         set_group_fusion(model, c.method != "rl-lora-nogroup")  # compiled: also the up-projection's concat
+        _BaseAndUpFn.cat_grads = c.method != "rl-lora-addmm"
         for _, mod in lora_modules(model):
-            if hasattr(mod, "down_in_token_space"):  # the routed experts' down adapter
+            if hasattr(mod, "down_in_token_space"):  # the routed experts' adapters in token space
                 mod.down_in_token_space = c.method != "rl-lora-slotdown"
+                mod.a_in_token_space = c.method != "rl-lora-slota"
         for _, mod in lora_modules(model):
             if hasattr(mod, "fused_when_compiled"):  # the dense adapters (LoRALinear)
                 mod.fused_when_compiled = c.method == "rl-lora-fusednode"

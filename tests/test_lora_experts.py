@@ -109,18 +109,18 @@ SPLIT = ({"gate": 3, "up": 2, "down": 2}, {"gate": 2.5, "up": 1.5, "down": 4.0})
 FUSED = ({"gate_up": 3, "down": 2}, {"gate_up": 2.5, "down": 4.0})
 
 
-@pytest.mark.parametrize("down", ["tokens", "slots"])  # the down adapter after the tokens' sum, or per slot
+@pytest.mark.parametrize("space", ["tokens", "slots"])  # first A and down B in token space, or per slot
 @pytest.mark.parametrize("mode", ["loop", "grouped", "masked"])
 @pytest.mark.parametrize("ranks", [SPLIT, FUSED], ids=["split", "fused"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
-def test_experts_output_and_grads_match_naive_loop(family, top_k, ranks, mode, down, monkeypatch):
+def test_experts_output_and_grads_match_naive_loop(family, top_k, ranks, mode, space, monkeypatch):
     cfg = (tiny_qwen3_moe_config(num_experts_per_tok=top_k) if family == "qwen3_moe"
            else tiny_gpt_oss_config(num_experts_per_tok=top_k))
     base = _experts_module(build_model(cfg))
     E = base.gate_up_proj.shape[0]
     lora = _lora(base, *ranks)
-    lora.down_in_token_space = down == "tokens"
+    lora.a_in_token_space = lora.down_in_token_space = space == "tokens"
     # loop: eager CPU; grouped (CUDA, compiled bf16) and masked (compiled otherwise): sync-free
     monkeypatch.setattr(experts_mod, "routing_mode", lambda x, w: mode)
     torch.manual_seed(top_k)

@@ -256,27 +256,33 @@ def test_expert_gate_up_fused_equals_separate(family):
         torch.testing.assert_close(a[2][n], b[2][n], **tol, msg=n)
 
 
+@pytest.mark.parametrize("shapes", [((9, 4), (2, 3)), ((5, 4, 3), (1, 2, 1))], ids=["addmm", "one-gemm"])
 @pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "x-frozen"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_base_and_up_matches_the_formula_and_gradcheck(bias, x_grad):
-    """`base_and_up` (the compiled path's [x | s·x·Aᵀ]·[W | blockdiag(B_1, B_2)]ᵀ, one GEMM over K = d_in + Σ r)
-    against the plain float64 formula x·Wᵀ + b + Σ_i s_i·(x·A_iᵀ)·B_iᵀ of two members with their own scales; and
-    torch.autograd.gradcheck of x, A and both B's through its own backward (W and b frozen), also with x frozen
-    (the first block's input: its backward computes no dx)."""
-    from regretless.lora.layer import base_and_up
+def test_base_and_up_matches_the_formula_and_gradcheck(bias, x_grad, shapes):
+    """`base_and_up` (the compiled path's [x | s·x·Aᵀ]·[W | blockdiag(B_1, ..., B_n)]ᵀ, one GEMM over K = d_in + Σ r)
+    against the plain float64 formula x·Wᵀ + b + Σ_i s_i·(x·A_iᵀ)·B_iᵀ of two or three members with their own
+    scales; and torch.autograd.gradcheck of x, A and every B through its own backward (W and b frozen), with the
+    input gradients' sum accumulated by addmm (two wide members) or as one GEMM over the concatenated gradients
+    (three narrow ones, as q/k/v), also with x frozen (the first block's input: its backward computes no dx)."""
+    from regretless.lora.layer import _BaseAndUpFn, base_and_up
 
     g = torch.Generator().manual_seed(0)
-    N, d_in, (d1, d2), (r1, r2) = 7, 6, (9, 4), (2, 3)
+    N, d_in, (ds, rs) = 7, 6, shapes
     x = torch.randn(2, N, d_in, dtype=torch.float64, generator=g, requires_grad=x_grad)
-    A = torch.randn(r1 + r2, d_in, dtype=torch.float64, generator=g, requires_grad=True)
-    B1 = torch.randn(d1, r1, dtype=torch.float64, generator=g, requires_grad=True)
-    B2 = torch.randn(d2, r2, dtype=torch.float64, generator=g, requires_grad=True)
-    W = torch.randn(d1 + d2, d_in, dtype=torch.float64, generator=g)
-    b = torch.randn(d1 + d2, dtype=torch.float64, generator=g) if bias else None
-    s = torch.tensor([8.0] * r1 + [16.0] * r2, dtype=torch.float64)
-    got = torch.cat(base_and_up(x, A, [B1, B2], s, W, b), -1)
-    xa = x @ A.T
-    want = x @ W.T + (0 if b is None else b) + torch.cat([8.0 * xa[..., :r1] @ B1.T, 16.0 * xa[..., r1:] @ B2.T], -1)
+    A = torch.randn(sum(rs), d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    Bs = [torch.randn(d, r, dtype=torch.float64, generator=g, requires_grad=True) for d, r in zip(ds, rs)]
+    W = torch.randn(sum(ds), d_in, dtype=torch.float64, generator=g)
+    b = torch.randn(sum(ds), dtype=torch.float64, generator=g) if bias else None
+    scales = [8.0, 16.0, 4.0][:len(rs)]
+    s = torch.tensor([sc for sc, r in zip(scales, rs) for _ in range(r)], dtype=torch.float64)
+    # the rule picks the path these shapes are meant to test
+    assert (sum(ds) < (len(ds) - 1) * (d_in + sum(rs))) == (len(ds) == 3) and _BaseAndUpFn.cat_grads
+    got = torch.cat(base_and_up(x, A, Bs, s, W, b), -1)
+    xa, o, terms = x @ A.T, 0, []
+    for sc, r, B in zip(scales, rs, Bs):
+        terms.append(sc * xa[..., o:o + r] @ B.T)
+        o += r
+    want = x @ W.T + (0 if b is None else b) + torch.cat(terms, -1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x_, A_, B1_, B2_: tuple(base_and_up(x_, A_, [B1_, B2_], s, W, b)),
-                                    (x, A, B1, B2))
+    assert torch.autograd.gradcheck(lambda x_, A_, *B_: tuple(base_and_up(x_, A_, list(B_), s, W, b)), (x, A, *Bs))

@@ -293,6 +293,7 @@ class LoRAExperts(nn.Module):
         self.enabled = True
         self.merged = False
         self.fuse_gate_up = True  # gate and up adapters in one pair of GEMMs (`_delta_gate_up`)
+        self.a_in_token_space = True  # the first projection's x·Aᵀ from the tokens (`_a_in_token_space`)
         self.down_in_token_space = True  # the down adapter's up-projection after the tokens' sum (`_down_in_token_space`)
         self._backup: dict[str, torch.Tensor] = {}
 
@@ -329,7 +330,7 @@ class LoRAExperts(nn.Module):
         B = (self.lora_B(key) * scale).transpose(-2, -1).to(dtype)  # (E, r, out)
         return A, B
 
-    def _delta_gate_up(self, x: torch.Tensor, mm) -> torch.Tensor:
+    def _delta_gate_up(self, x: torch.Tensor, mm, a_mm=None) -> torch.Tensor:
         """Gate and up adapters of a fused gate_up_proj as one low-rank pair: x·[A_g; A_u]ᵀ (x read once) times a
         block matrix [[s_g·B_gᵀ, 0], [0, s_u·B_uᵀ]] whose columns follow the layout (concatenated or interleaved),
         so the (S, 2I) delta comes out of one GEMM with no cat."""
@@ -340,20 +341,22 @@ class LoRAExperts(nn.Module):
             rows_g, rows_u = torch.cat([Bg, zg], -1), torch.cat([zu, Bu], -1)  # (E, r, 2I): gate | up columns
         else:
             rows_g, rows_u = torch.stack([Bg, zg], -1).flatten(-2), torch.stack([zu, Bu], -1).flatten(-2)
-        return mm(mm(x, torch.cat([Ag, Au], -1)), torch.cat([rows_g, rows_u], -2))  # (S, 2I)
+        A = torch.cat([Ag, Au], -1)
+        return mm(mm(x, A) if a_mm is None else a_mm(A), torch.cat([rows_g, rows_u], -2))  # (S, 2I)
 
-    def _delta(self, param: str, x: torch.Tensor, mm) -> torch.Tensor | None:
-        """s·(x·Aᵀ)·Bᵀ for every adapted matrix of `param`, laid out as the base parameter's outputs."""
+    def _delta(self, param: str, x: torch.Tensor, mm, a_mm=None) -> torch.Tensor | None:
+        """s·(x·Aᵀ)·Bᵀ for every adapted matrix of `param`, laid out as the base parameter's outputs; a_mm(A), if
+        given, computes x·Aᵀ (A as (E, in, r)) another way."""
         keys = [k for k, (p, *_) in self.specs.items() if p == param] if self._active() else []
         if not keys:
             return None
         if self.fuse_gate_up and sorted(keys) == ["gate", "up"]:
-            return self._delta_gate_up(x, mm)
+            return self._delta_gate_up(x, mm, a_mm)
         parts = {}
         for k in keys:
             A, B = self._lora_in_out(k, x.dtype)
             A, B = _pad_rank(A, B, 8)  # 16-byte rows for grouped_mm (zero padding: exact)
-            parts[self.specs[k][1]] = self.scales[k] * mm(mm(x, A), B)
+            parts[self.specs[k][1]] = self.scales[k] * mm(mm(x, A) if a_mm is None else a_mm(A), B)
         if None in parts:  # a whole-matrix adapter (down, up, or PEFT's fused gate_up)
             return parts[None]
         zero = x.new_zeros(x.shape[:-1] + (self.layout.inter,))
@@ -387,7 +390,7 @@ class LoRAExperts(nn.Module):
         h = route.mm(x_S, w_first)  # (S, m·I)
         if lay.bias:
             h = h + getattr(base, f"{lay.first}_bias")[route.expert_c]
-        d = self._delta(lay.first, x_S, route.mm)
+        d = self._delta(lay.first, x_S, route.mm, self._a_in_token_space(hidden_states.to(dtype), route))
         if d is not None:
             h = h + d
         h = self._act(torch.where(valid, h, 0))  # (S, I); rows of unrouted slots -> 0 (grouped_mm leaves them)
@@ -404,6 +407,26 @@ class LoRAExperts(nn.Module):
             y = base.post_expert_norm(y)
         out = route.combine(y, top_k_weights)  # (T, H) fp32
         return (out if tokens is None else out + tokens).to(hidden_states.dtype)
+
+    def _a_in_token_space(self, x_T: torch.Tensor, route: Routing):
+        """For the first projection's adapters: A (E, H, r) -> x_S·A_e per slot computed in token space, one dense
+        GEMM U = x_T·[A_1 | ... | A_E] (T, E·r) and a gather of each slot's r columns of its token's row. Every
+        slot of a token shares x_t, so this reads the T token rows instead of the S = T·K slot rows, its backward
+        writes dx in token space (T, H) instead of an (S, H) term added to the slots' gradient, and the slot rows
+        need not be kept for dA; E/K times the grouped GEMM's FLOPs (used while E <= TOKEN_SPACE_MAX_E_PER_K·K).
+        None: not used (grouped over the slots)."""
+        E = self.layout.n_experts
+        if not self.a_in_token_space or E > TOKEN_SPACE_MAX_E_PER_K * route.K:
+            return None
+        token_S = route.order_S // route.K
+
+        def a_mm(A: torch.Tensor) -> torch.Tensor:  # (E, H, r) -> (S, r)
+            H, r = A.shape[1], A.shape[2]
+            U = x_T @ A.permute(1, 0, 2).reshape(H, E * r)  # (T, E·r)
+            u_S = U.view(-1, E, r)[token_S, route.expert_c]
+            return torch.where(route.valid_S[:, None], u_S, 0)  # slots of no local expert: 0, and no gradient
+
+        return a_mm
 
     def _down_in_token_space(self, h_S: torch.Tensor, route: Routing, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor | None:
