@@ -27,9 +27,7 @@ Methods
                  launch configurations (the blocks' fused element-wise kernels and the head's softmax);
                  `-slotdown` = the routed experts' down adapter per slot (a grouped up-projection writing an
                  (S, H) delta) instead of after the tokens' sum in token space (A/B); `-slota` = the first
-                 projection's x·Aᵀ grouped over the slot rows instead of one dense GEMM on the tokens (A/B);
-                 `-addmm+compile` = the compiled q/k/v group's input gradients summed by addmm instead of one
-                 GEMM over the concatenated gradients (A/B)
+                 projection's x·Aᵀ grouped over the slot rows instead of one dense GEMM on the tokens (A/B)
   floor          the frozen floor: the bf16 base with no adapters, no weight gradients, input gradients through
                  every layer (the embeddings' output asks for one), the fused head: what a LoRA step on this base
                  cannot go below with these kernels; MFU counts 4·N + attention
@@ -69,13 +67,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from regretless import lm
 from regretless.counts import flops_per_token
 from regretless.lora import LoRAConfig, apply_lora, lora_modules, param_groups
-from regretless.lora.layer import _BaseAndUpFn
 from regretless.models import autocast_experts
 from regretless.train import compile_blocks, to_device
 
 PEAK_FLOPS = 989e12  # H200 SXM dense bf16
 AB_VARIANTS = ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode", "rl-lora-slotdown",
-               "rl-lora-slota", "rl-lora-addmm")  # one change each
+               "rl-lora-slota")  # one change each
 TUNED = {"rl-lora-autotune": {"max_autotune_gemm": True},  # inductor options of the tuned A/B cases
          "rl-lora-tuned": {"coordinate_descent_tuning": True}}
 
@@ -137,7 +134,6 @@ def cases(tiny: bool) -> list[Case]:
         Case("dense", d, "rl-lora-nogroup", B, T, compile=True, est_s=60),
         Case("moe", m, "rl-lora-slotdown", B, T, compile=True, est_s=80),
         Case("moe", m, "rl-lora-slota", B, T, compile=True, est_s=80),
-        Case("dense", d, "rl-lora-addmm", B, T, compile=True, est_s=60),
         Case("moe", m, "rl-lora-autotune", B, T, compile=True, est_s=300),
         Case("dense", d, "rl-lora-tuned", B, T, compile=True, est_s=120),
         Case("moe", m, "rl-lora-tuned", B, T, compile=True, est_s=150),
@@ -206,7 +202,6 @@ def run_case(c: Case, args, device: str) -> dict:
     elif c.method.startswith("rl-lora"):
         apply_lora(model, lcfg)
         set_group_fusion(model, c.method != "rl-lora-nogroup")  # compiled: also the up-projection's concat
-        _BaseAndUpFn.cat_grads = c.method != "rl-lora-addmm"
         for _, mod in lora_modules(model):
             if hasattr(mod, "down_in_token_space"):  # the routed experts' adapters in token space
                 mod.down_in_token_space = c.method != "rl-lora-slotdown"
