@@ -105,15 +105,33 @@ class _LoRAGroupFn(torch.autograd.Function):
         return (dx, dA, None, None, *([None] * (2 * n)), *dBs)
 
 
+@torch.library.custom_op("regretless::gemm_sum", mutates_args=())
+def gemm_sum(gs: list[torch.Tensor], ws: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_i gs[i]·ws[i] into one fresh buffer: the first GEMM writes it, the others accumulate in place (addmm_,
+    beta = 1). An opaque op to torch.compile, so the in-place accumulation stays in place: traced as plain
+    addmm's, functionalized, each of them first copies the running sum (one (N, d) copy per extra term)."""
+    out = gs[0] @ ws[0]
+    for g, w in zip(gs[1:], ws[1:]):
+        out.addmm_(g, w)
+    return out
+
+
+@gemm_sum.register_fake
+def _gemm_sum_fake(gs: list[torch.Tensor], ws: list[torch.Tensor]) -> torch.Tensor:
+    return gs[0].new_empty(gs[0].shape[0], ws[0].shape[1])
+
+
 class _BaseAndUpFn(torch.autograd.Function):
     """y = [x | u]·[W | B]ᵀ (+ b) with B = blockdiag(B_1, ..., B_n): the frozen base and the LoRA up-projections of
     u = [s_1·x·A_1ᵀ | ... | s_n·x·A_nᵀ] in one GEMM over K = d_in + Σ r, written for torch.compile (plain ops in
     both directions), returned as the members' outputs y_i (column blocks of y). The (N, d_out) LoRA output is
     never written and added to the base's; backward reads each member's gradient once for both input gradients,
-    [dx | du] = Σ_i g_i·[W_i | B_i] accumulated inside the GEMMs (addmm, beta = 1: no concatenated gradient; one
-    GEMM over [g_1 | ... | g_n] measured slower, 0.2167 vs 0.2034 s on the H200 for q/k/v, and inductor assembled
-    gate/up's slowly), and once for dB_i = g_iᵀ·u_i (each member's own block, no off-diagonal work); with x frozen
-    (the first block) only du. W and b frozen (no gradient); [W | B] is rebuilt in backward, not kept."""
+    [dx | du] = Σ_i g_i·[W_i | B_i] accumulated inside the GEMMs (`gemm_sum`: beta = 1, in place; no concatenated
+    gradient: one GEMM over [g_1 | ... | g_n] measured slower, 0.2167 vs 0.2034 s on the H200 for q/k/v, and
+    inductor assembled gate/up's slowly), and once for dB_i = g_iᵀ·u_i (each member's own block, no off-diagonal
+    work). One member alone (o_proj) gets dx = g·W and du = g·B from two GEMMs instead: dx then comes out
+    contiguous, where a column slice of [dx | du] made the attention backward that consumes it copy it. With x
+    frozen (the first block) only du. W and b frozen (no gradient); [W | B] is rebuilt in backward, not kept."""
 
     @staticmethod
     def forward(ctx, x_N_in, u_N_R, W, b, *Bs):
@@ -130,14 +148,14 @@ class _BaseAndUpFn(torch.autograd.Function):
             us = u.split(r, 1)
             dBs = [g.T @ u_i if ctx.needs_input_grad[4 + i] else None for i, (g, u_i) in enumerate(zip(g_N_out, us))]
             return None, du, None, None, *dBs
+        if len(Bs) == 1:
+            (g,), (B,) = g_N_out, Bs
+            return g @ W, g @ B, None, None, g.T @ u if ctx.needs_input_grad[4] else None
         Wc = torch.cat([W, torch.block_diag(*Bs)], 1)  # (Σ d_out, d_in + Σ r)
-        dxu, dBs, o, r = None, [], 0, 0
-        for i, (g, B) in enumerate(zip(g_N_out, Bs)):
-            d, k = B.shape
-            Wc_i = Wc[o:o + d]  # member i's rows: [W_i | 0 .. B_i .. 0]
-            dxu = g @ Wc_i if dxu is None else torch.addmm(dxu, g, Wc_i)  # accumulated in the GEMM (beta = 1)
-            dBs.append(g.T @ u[:, r:r + k] if ctx.needs_input_grad[4 + i] else None)
-            o, r = o + d, r + k
+        rows = [B.shape[0] for B in Bs]
+        dxu = gemm_sum(list(g_N_out), list(Wc.split(rows)))  # member i's rows of Wc: [W_i | 0 .. B_i .. 0]
+        dBs = [g.T @ u_i if ctx.needs_input_grad[4 + i] else None
+               for i, (g, u_i) in enumerate(zip(g_N_out, u.split([B.shape[1] for B in Bs], 1)))]
         return dxu[:, :d_in], dxu[:, d_in:], None, None, *dBs
 
 
