@@ -280,6 +280,7 @@ def run_case(c: Case, args, device: str) -> dict:
     tokens = c.batch * c.seq
     res = {"section": c.section, "shape": c.shape, "method": c.name, "batch": c.batch, "seq": c.seq,
            "step_s": round(sec, 4), "tokens_per_s": round(tokens / sec), "spread_s": round(max(times) - min(times), 4),
+           "min_s": round(min(times), 4),
            "mfu": round(flops_tok * tokens / sec / PEAK_FLOPS, 4), "gflop_per_token": round(flops_tok / 1e9, 3),
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "trainable": n_train, "loss": round(loss.item(), 4), "warmup_s": round(warm_s, 1)}
@@ -436,7 +437,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="markdown table path; JSON lines go next to it as <out>.jsonl")
     ap.add_argument("--budget-s", type=float, default=540, help="wall-clock budget; cases that no longer fit are skipped")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=8)  # compiled steps vary by up to ~10% between iterations
     ap.add_argument("--only", default="", help="comma list of sections (dense,moe,long), case names (rl-lora+compile) or "
                     "section:name (dense:rl-lora+compile) to run")
     ap.add_argument("--skip", default="", help="comma list of case names to skip, e.g. rl-full,peft+compile")

@@ -12,7 +12,11 @@ storage does not halve the rank: per layer E·r_e·3·(H + I) LoRA parameters. A
 (key `gate_up`, one rank for both halves) is supported as well. The router is never adapted here.
 
 The forward never forms ΔW_e = B_e·A_e: tokens are sorted by expert and each expert's low-rank path runs on its
-routed tokens only, (x_e·A_eᵀ)·B_eᵀ. The routed path has no host sync: sorted routing, expert counts kept on the
+routed tokens only, (x_e·A_eᵀ)·B_eᵀ. Where an adapter touches token space it is computed there, as dense GEMMs
+over all experts' adapters at once (E/K times the FLOPs, at ~35x the rate of rank-r grouped GEMMs on an H200;
+used while E <= 32·K): the first projection's x·A_eᵀ from the T token rows instead of the T·K slot rows
+(`_a_in_token_space`), and the down adapter's up-projection after the tokens' weighted sum
+(`_down_in_token_space`). The routed path has no host sync: sorted routing, expert counts kept on the
 device, `grouped_mm`, masks instead of boolean indexing; under torch.compile, where grouped_mm cannot run (fp32),
 a static loop over the experts. Only eager shapes or dtypes grouped_mm cannot take (fp32 on CUDA, unaligned
 dims) use a loop over the experts that got tokens (one sync). grouped_mm also beat that loop on CPU (measured:
