@@ -142,20 +142,14 @@ class _BaseAndUpFn(torch.autograd.Function):
     def backward(ctx, *g_N_out):
         u, W, *Bs = ctx.saved_tensors
         d_in = W.shape[1]
+        us = u.split([B.shape[1] for B in Bs], 1)
+        dBs = [g.T @ u_i if ctx.needs_input_grad[4 + i] else None for i, (g, u_i) in enumerate(zip(g_N_out, us))]
         if not ctx.needs_input_grad[0]:  # x frozen (the first block's input): du = [g_1·B_1 | ... ] alone
-            du = torch.cat([g @ B for g, B in zip(g_N_out, Bs)], 1)
-            r = [B.shape[1] for B in Bs]
-            us = u.split(r, 1)
-            dBs = [g.T @ u_i if ctx.needs_input_grad[4 + i] else None for i, (g, u_i) in enumerate(zip(g_N_out, us))]
-            return None, du, None, None, *dBs
+            return None, torch.cat([g @ B for g, B in zip(g_N_out, Bs)], 1), None, None, *dBs
         if len(Bs) == 1:
-            (g,), (B,) = g_N_out, Bs
-            return g @ W, g @ B, None, None, g.T @ u if ctx.needs_input_grad[4] else None
+            return g_N_out[0] @ W, g_N_out[0] @ Bs[0], None, None, *dBs
         Wc = torch.cat([W, torch.block_diag(*Bs)], 1)  # (Σ d_out, d_in + Σ r)
-        rows = [B.shape[0] for B in Bs]
-        dxu = gemm_sum(list(g_N_out), list(Wc.split(rows)))  # member i's rows of Wc: [W_i | 0 .. B_i .. 0]
-        dBs = [g.T @ u_i if ctx.needs_input_grad[4 + i] else None
-               for i, (g, u_i) in enumerate(zip(g_N_out, u.split([B.shape[1] for B in Bs], 1)))]
+        dxu = gemm_sum(list(g_N_out), list(Wc.split([B.shape[0] for B in Bs])))  # member i's rows: [W_i | 0 .. B_i .. 0]
         return dxu[:, :d_in], dxu[:, d_in:], None, None, *dBs
 
 
