@@ -123,6 +123,13 @@ def test_experts_output_and_grads_match_naive_loop(family, top_k, ranks, mode, s
     lora.a_in_token_space = lora.down_in_token_space = space == "tokens"
     # loop: eager CPU; grouped (CUDA, compiled bf16) and masked (compiled otherwise): sync-free
     monkeypatch.setattr(experts_mod, "routing_mode", lambda x, w: mode)
+    if mode == "grouped":  # grouped_mm leaves the rows of slots routed to no local expert unwritten: make them NaN
+        mm = experts_mod.Routing.mm
+
+        def poisoned_mm(self, x_S, w_E):
+            return torch.where(self.valid_S[:, None], mm(self, x_S, w_E), float("nan"))
+
+        monkeypatch.setattr(experts_mod.Routing, "mm", poisoned_mm)
     torch.manual_seed(top_k)
     with torch.no_grad():
         for key in lora.ranks:

@@ -452,7 +452,9 @@ class LoRAExperts(nn.Module):
         u_S = route.mm(h_S, A)  # (S, r), rows in expert order
         T = top_k_index.shape[0]
         w = top_k_weights.reshape(T, K).to(h_S.dtype)
-        z_T_K = torch.where(route.valid_T_K[..., None], u_S[route.inverse_T_K] * w[..., None], 0)  # (T, K, r)
+        # masked before the weights multiply: the rows of slots routed to no local expert are unspecified (may be
+        # NaN), and the product's backward would carry them into dw as 0·NaN
+        z_T_K = torch.where(route.valid_T_K[..., None], u_S[route.inverse_T_K], 0) * w[..., None]  # (T, K, r)
         cols = top_k_index.reshape(T, K).clamp(0, E)[..., None].expand(T, K, r)  # expert id; E: no local expert
         Z = z_T_K.new_zeros(T, E + 1, r).scatter(1, cols, z_T_K)  # a token's experts are distinct
         B_all = torch.cat([B.reshape(E * r, -1), B.new_zeros(r, B.shape[-1])])  # ((E + 1)·r, H)
