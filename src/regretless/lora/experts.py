@@ -387,14 +387,15 @@ class LoRAExperts(nn.Module):
     def _forward_routed(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:  # hidden_states (T, H)
         base, lay = self.base_layer, self.layout
         w_first = self._w_in_out(lay.first)
-        route = Routing(top_k_index, lay.n_experts, routing_mode(hidden_states.to(w_first.dtype), w_first))
         dtype = w_first.dtype
+        x_T = hidden_states.to(dtype)  # (T, H)
+        route = Routing(top_k_index, lay.n_experts, routing_mode(x_T, w_first))
         valid = route.valid_S.unsqueeze(-1)  # (S, 1); masks (not boolean indexing) keep shapes static
         x_S = torch.where(valid, route.to_slots(hidden_states).to(dtype), 0)  # (S, H) in expert order
         h = route.mm(x_S, w_first)  # (S, m·I)
         if lay.bias:
             h = h + getattr(base, f"{lay.first}_bias")[route.expert_c]
-        d = self._delta(lay.first, x_S, route.mm, self._a_in_token_space(hidden_states.to(dtype), route))
+        d = self._delta(lay.first, x_S, route.mm, self._a_in_token_space(x_T, route))
         if d is not None:
             h = h + d
         h = self._act(torch.where(valid, h, 0))  # (S, I); rows of unrouted slots -> 0 (grouped_mm leaves them)
@@ -412,6 +413,9 @@ class LoRAExperts(nn.Module):
         out = route.combine(y, top_k_weights)  # (T, H) fp32
         return (out if tokens is None else out + tokens).to(hidden_states.dtype)
 
+    def _token_space_pays(self, top_k: int) -> bool:
+        return self.layout.n_experts <= TOKEN_SPACE_MAX_E_PER_K * top_k
+
     def _a_in_token_space(self, x_T: torch.Tensor, route: Routing):
         """For the first projection's adapters: A (E, H, r) -> x_S·A_e per slot computed in token space, one dense
         GEMM U = x_T·[A_1 | ... | A_E] (T, E·r) and a gather of each slot's r columns of its token's row. Every
@@ -419,9 +423,9 @@ class LoRAExperts(nn.Module):
         writes dx in token space (T, H) instead of an (S, H) term added to the slots' gradient, and the slot rows
         need not be kept for dA; E/K times the grouped GEMM's FLOPs (used while E <= TOKEN_SPACE_MAX_E_PER_K·K).
         None: not used (grouped over the slots)."""
-        E = self.layout.n_experts
-        if not self.a_in_token_space or E > TOKEN_SPACE_MAX_E_PER_K * route.K:
+        if not (self.a_in_token_space and self._token_space_pays(route.K)):
             return None
+        E = self.layout.n_experts
         token_S = route.order_S // route.K
 
         def a_mm(A: torch.Tensor) -> torch.Tensor:  # (E, H, r) -> (S, r)
@@ -442,11 +446,9 @@ class LoRAExperts(nn.Module):
         H200 at Qwen3-30B-A3B's shape, forward + backward: 0.82 ms a layer grouped, 0.36 ms in token space), at
         E/K times its FLOPs: used while E <= TOKEN_SPACE_MAX_E_PER_K·K. None: not used (the per-slot path runs)."""
         if not (self.down_in_token_space and self._active() and "down" in self.specs
-                and self.specs["down"][0] == "down_proj"):
+                and self._token_space_pays(route.K)):
             return None
         E, K = self.layout.n_experts, route.K
-        if E > TOKEN_SPACE_MAX_E_PER_K * K:
-            return None
         A, B = _pad_rank(*self._lora_in_out("down", h_S.dtype, self.scales["down"]), 8)  # (E, I, r), (E, r, H)
         r = A.shape[-1]
         u_S = route.mm(h_S, A)  # (S, r), rows in expert order
