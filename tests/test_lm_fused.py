@@ -166,6 +166,34 @@ def test_nll_sum_matches_float64_model(kind, monkeypatch):
         _close(got[name].grad, want[name].grad, name)
 
 
+def test_labelled_rows_found_on_the_host_give_the_same_loss_and_gradients(monkeypatch):
+    """`train.to_device` keeps the labels on the host (lm.HOST_LABELS): nll_sum then selects the labelled rows by
+    index (no device sync) and must give the boolean mask's loss and gradients bit for bit; the rows themselves
+    against a loop over (b, t): position t of row b is labelled when labels[b, t + 1] != -100."""
+    monkeypatch.setattr(lm, "FUSED_CHUNK", 5)
+    from regretless.train import to_device
+
+    model = _model("lora")
+    batch = _batch(B=4, T=11)
+    batch["labels"][1, 3:7] = -100  # a gap inside a row, beside _batch's prompt and padding
+    moved = to_device(batch, torch.device("cpu"), None, model)
+    assert moved[lm.HOST_LABELS] is batch["labels"]
+    want_rows = [b * 11 + t for b in range(4) for t in range(10) if batch["labels"][b, t + 1] != -100]
+    assert lm.labelled_rows(moved, torch.device("cpu")).tolist() == want_rows
+    assert lm.labelled_rows(batch, torch.device("cpu")) is None
+
+    def run(b):
+        model.zero_grad(set_to_none=True)
+        s, n = lm.nll_sum(model, b)
+        s.backward()
+        return s.detach(), n, {k: p.grad.clone() for k, p in _trainable(model).items()}
+
+    s0, n0, g0 = run({k: v for k, v in moved.items() if k != lm.HOST_LABELS})  # the boolean mask
+    s1, n1, g1 = run(moved)
+    assert n0 == n1 == len(want_rows) and torch.equal(s0, s1)
+    assert all(torch.equal(g0[k], g1[k]) for k in g0) and any(float(g.abs().sum()) > 0 for g in g1.values())
+
+
 def test_nll_sum_softcapped_matches_float64(monkeypatch):
     monkeypatch.setattr(lm, "CHUNK", 4)
     monkeypatch.setattr(lm, "FUSED_CHUNK", 4)

@@ -265,7 +265,29 @@ def nll_sum(model: nn.Module, batch: dict[str, torch.Tensor], fused: bool = True
     if head is None:
         logp, _ = target_logprobs(model, batch, targets_B_T, keep_logits=not fused)
         return -logp.sum(), int(logp.numel())
-    sel_B_T = targets_B_T != -100
-    y_N = targets_B_T[sel_B_T]
-    h_N_H = hidden_states(model, batch)[sel_B_T]
+    rows_N = labelled_rows(batch, targets_B_T.device)
+    if rows_N is None:  # a boolean mask on the device: its count is read back (a sync in forward and backward)
+        sel_B_T = targets_B_T != -100
+        y_N = targets_B_T[sel_B_T]
+        h_N_H = hidden_states(model, batch)[sel_B_T]
+    else:
+        y_N = targets_B_T.flatten().index_select(0, rows_N)
+        h_N_H = hidden_states(model, batch).flatten(0, 1).index_select(0, rows_N)
     return head_nll_sum(h_N_H, head.weight, head.bias, y_N, _softcap(model), compiled=compiled), int(y_N.numel())
+
+
+HOST_LABELS = "labels_host"  # a batch's labels kept on the host beside the device copy (`train.to_device`)
+
+
+def labelled_rows(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """The flat positions b·T + t whose shifted target is labelled, found on the host from the batch's
+    HOST_LABELS and sent to `device` without waiting for it (pinned memory, non-blocking); None without them.
+    A boolean mask on the device would make the GPU wait for the CPU twice a step: its number of rows is read
+    back before the head can run, and again in its backward."""
+    host = batch.get(HOST_LABELS)
+    if host is None:
+        return None
+    rows = (shifted_targets(host) != -100).flatten().nonzero()[:, 0]
+    if device.type == "cuda":
+        return rows.pin_memory().to(device, non_blocking=True)
+    return rows.to(device)

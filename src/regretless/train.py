@@ -210,6 +210,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, amp: torch.d
     mask = batch.get("attention_mask")
     drop = mask is not None and mask.dim() == 2 and "position_ids" not in batch and right_padded(mask)
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if not (drop and k == "attention_mask")}
+    if "labels" in batch and batch["labels"].device.type == "cpu":  # the loss finds its rows without a sync
+        out[lm.HOST_LABELS] = batch["labels"]
     mask = out.get("attention_mask")
     if mask is not None and mask.dim() == 4:  # packed rows: an additive float mask in the compute dtype
         out["attention_mask"] = mask.to(amp or next(model.parameters()).dtype)
@@ -335,14 +337,14 @@ def _train_sft(cfg: SFTConfig, out: Path, resume: bool, train_ex: list[dict], ev
         cur_lr = set_lr(optimizer, lr_multiplier(step, total, cfg))
         raw = step_parts(step)
         parts = [to_device(b, device, amp, model) for b in raw]
-        n_tok = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts)
-        loss_sum = 0.0
+        n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in raw)  # on the host: no sync
+        sums = []
         for b, w in distributed.rank_rows(parts):  # the step's loss is the token-weighted mean over all its
             with autocast(device, amp):  # micro-batches (torchrun: this rank's rows of each, over all ranks')
                 s, _ = lm.nll_sum(model, b, compiled=cfg.compile)
             (s * w / max(n_tok, 1)).backward()
-            loss_sum += s.item() * w
-        loss_sum = distributed.all_sum([loss_sum])[0]
+            sums.append(s.detach() * w)  # read once after the last micro-batch, not a sync after each
+        loss_sum = distributed.all_sum([torch.stack(sums).double().sum().item()])[0]
         gnorm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         loss = loss_sum / max(n_tok, 1)
