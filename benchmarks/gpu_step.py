@@ -33,7 +33,11 @@ Methods
   floor          the frozen floor: the bf16 base with no adapters, no weight gradients, input gradients through
                  every layer (the embeddings' output asks for one), the fused head: what a LoRA step on this base
                  cannot go below with these kernels; MFU counts 4·N + attention
-  peft           transformers + PEFT LoRA (target_modules, and target_parameters for fused experts), HF loss
+  peft           transformers + PEFT LoRA (target_modules, and target_parameters for fused experts), HF loss,
+                 under bf16 autocast (the adapters' matmuls in bf16, as HF Trainer's bf16=True runs it)
+  peft-plain     the same in a plain bf16 loop: no autocast, PEFT's default fp32 adapters (their matmuls in fp32):
+                 the setup of the issue's own PEFT measurement (0.471 s, 69 GiB); the targets are checked against
+                 both PEFT setups
   +compile       regretless: `torch.compile` of each decoder block and of the fused head's softmax, as the
                  trainer's `compile=true` does (`train.compile_blocks`); PEFT: of the transformer trunk, as a
                  PEFT user would (traced, transformers hands SDPA a materialized causal mask)
@@ -500,7 +504,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of case names to skip, e.g. rl-full,peft+compile")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU check of the whole script in < 1 min)")
     ap.add_argument("--compile-backend", default=None, help="default inductor; --tiny on CPU uses aot_eager")
-    ap.add_argument("--profile", action="store_true", help="CUDA time of one step by kernel kind, and its top kernels, per case")
+    ap.add_argument("--profile", action="store_true", help="per case, one profiled step: CUDA time by kernel kind, every "
+                    "kernel by name, the GPU's idle gaps charged to the CPU ops that launched the next kernel")
     ap.add_argument("--mask", choices=("ones", "none"), default="ones",
                     help="ones: every method gets attention_mask = ones (B, T); none: no attention_mask")
     ap.add_argument("--rank", type=int, default=None, help="LoRA rank (default 64; 16 with --tiny)")
