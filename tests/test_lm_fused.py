@@ -181,6 +181,8 @@ def test_labelled_rows_found_on_the_host_give_the_same_loss_and_gradients(monkey
     want_rows = [b * 11 + t for b in range(4) for t in range(10) if batch["labels"][b, t + 1] != -100]
     assert lm.labelled_rows(moved, torch.device("cpu")).tolist() == want_rows
     assert lm.labelled_rows(batch, torch.device("cpu")) is None
+    moved_off_host = dict(moved, **{lm.HOST_LABELS: torch.empty(4, 11, dtype=torch.long, device="meta")})
+    assert lm.labelled_rows(moved_off_host, torch.device("cpu")) is None  # (as FSDP2's root moves it to a GPU)
 
     def run(b):
         model.zero_grad(set_to_none=True)

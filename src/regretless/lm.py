@@ -281,11 +281,12 @@ HOST_LABELS = "labels_host"  # a batch's labels kept on the host beside the devi
 
 def labelled_rows(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:
     """The flat positions b·T + t whose shifted target is labelled, found on the host from the batch's
-    HOST_LABELS and sent to `device` without waiting for it (pinned memory, non-blocking); None without them.
-    A boolean mask on the device would make the GPU wait for the CPU twice a step: its number of rows is read
-    back before the head can run, and again in its backward."""
+    HOST_LABELS and sent to `device` without waiting for it (pinned memory, non-blocking); None without them, or
+    when they are no longer on the host (FSDP2's root moves a sharded model's tensor inputs to its GPU). A boolean
+    mask on the device would make the GPU wait for the CPU twice a step: its number of rows is read back before
+    the head can run, and again in its backward."""
     host = batch.get(HOST_LABELS)
-    if host is None:
+    if host is None or host.device.type != "cpu":
         return None
     rows = (shifted_targets(host) != -100).flatten().nonzero()[:, 0]
     if device.type == "cuda":
