@@ -29,7 +29,9 @@ Methods
                  mode="reduce-overhead"): each block's kernels replayed in one launch;
                  `-slotdown` = the routed experts' down adapter per slot (a grouped up-projection writing an
                  (S, H) delta) instead of after the tokens' sum in token space (A/B); `-slota` = the first
-                 projection's x·Aᵀ grouped over the slot rows instead of one dense GEMM on the tokens (A/B)
+                 projection's x·Aᵀ grouped over the slot rows instead of one dense GEMM on the tokens (A/B);
+                 `-notriton` = the fused head's softmax pass compiled by inductor (or eager) instead of the
+                 Triton kernels of `regretless.kernels` (A/B)
   floor          the frozen floor: the bf16 base with no adapters, no weight gradients, input gradients through
                  every layer (the embeddings' output asks for one), the fused head: what a LoRA step on this base
                  cannot go below with these kernels; MFU counts 4·N + attention
@@ -78,7 +80,7 @@ from regretless.train import compile_blocks, to_device
 
 PEAK_FLOPS = 989e12  # H200 SXM dense bf16
 AB_VARIANTS = ("rl-lora-nogroup", "rl-lora-plaince", "rl-lora-fusednode", "rl-lora-slotdown",
-               "rl-lora-slota")  # one change each
+               "rl-lora-slota", "rl-lora-notriton")  # one change each
 TUNED = {"rl-lora-autotune": {"max_autotune_gemm": True},  # inductor options of the tuned A/B cases
          "rl-lora-tuned": {"coordinate_descent_tuning": True},
          "rl-lora-cudagraph": {"triton.cudagraphs": True}}  # torch.compile's mode="reduce-overhead"
@@ -143,6 +145,8 @@ def cases(tiny: bool) -> list[Case]:
         Case("dense", d, "rl-lora-nogroup", B, T, compile=True, est_s=60),
         Case("moe", m, "rl-lora-slotdown", B, T, compile=True, est_s=80),
         Case("moe", m, "rl-lora-slota", B, T, compile=True, est_s=80),
+        Case("dense", d, "rl-lora-notriton", B, T, compile=True, est_s=60),
+        Case("moe", m, "rl-lora-notriton", B, T, compile=True, est_s=80),
         Case("dense", d, "rl-lora-cudagraph", B, T, compile=True, est_s=80),
         Case("moe", m, "rl-lora-cudagraph", B, T, compile=True, est_s=100),
         Case("moe", m, "rl-lora-autotune", B, T, compile=True, est_s=300),
@@ -201,6 +205,7 @@ def run_case(c: Case, args, device: str) -> dict:
     peft = c.method.startswith("peft")
     lora = c.method.startswith("rl-lora") or peft
     weights = torch.float32 if c.method == "rl-full" else torch.bfloat16
+    lm.TRITON_SOFTMAX = c.method != "rl-lora-notriton"  # the fused head's softmax pass: Triton kernels or not
     model = build(c.shape, weights, device, args.tiny)
     moe = hasattr(model.config, "num_experts")
     lcfg = lora_cfg(args.rank)

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config and rules", ("errors", "config", "lora.config", "recipe", "recipe_fit", "known_models", "stats",
                           "tracking", "progress")),
     ("model loading", ("assets", "models", "distributed")),
-    ("LoRA engine", ("lora", "counts")),
+    ("LoRA engine", ("lora", "counts", "kernels")),
     ("data and RL pieces", ("data", "lm", "rl.envs", "rl.extract", "rl.sampling", "rl.loss", "rl.step",
                             "rl.evaluate", "rl.collapse")),
     ("trainer and run files", ("preflight", "runfiles", "train", "rl.loop")),

@@ -235,9 +235,9 @@ def test_expert_gate_up_fused_matches_separate_grouped_bf16():
 
 
 def _fused_nll_vs_plain(device: str, N: int, H: int, V: int) -> dict:
-    """(loss, dh, dW, bytes held from forward to backward) of lm.head_nll_sum (eager and compiled softmax) and of
-    the plain chunked path (logits kept), all under bf16 autocast on bf16 h and a trainable fp32 W (FullFT's tied
-    head)."""
+    """(loss, dh, dW, bytes held from forward to backward) of lm.head_nll_sum with each softmax pass (`fused`: the
+    Triton kernels, CUDA's default; `eager`; `compiled`) and of the plain chunked path (logits kept), all under
+    bf16 autocast on bf16 h and a trainable fp32 W (FullFT's tied head)."""
     import torch.nn.functional as F
 
     from regretless import lm
@@ -254,9 +254,18 @@ def _fused_nll_vs_plain(device: str, N: int, H: int, V: int) -> dict:
             out.append(torch.logsumexp(z, -1) - z.gather(-1, y[s:s + lm.CHUNK, None])[:, 0])
         return torch.cat(out).sum()
 
+    def softmax_by(triton: bool, compiled: bool):
+        def run(h):
+            old, lm.TRITON_SOFTMAX = lm.TRITON_SOFTMAX, triton
+            try:
+                return lm.head_nll_sum(h, W, None, y, compiled=compiled)
+            finally:
+                lm.TRITON_SOFTMAX = old
+        return run
+
     res = {}
-    for name, fn in (("fused", lambda h: lm.head_nll_sum(h, W, None, y)), ("plain", plain),
-                     ("compiled", lambda h: lm.head_nll_sum(h, W, None, y, compiled=True))):
+    for name, fn in (("fused", softmax_by(True, False)), ("plain", plain), ("eager", softmax_by(False, False)),
+                     ("compiled", softmax_by(False, True))):
         W.grad = None
         h = h0.clone().requires_grad_()
         cuda = device == "cuda"
@@ -283,9 +292,36 @@ def test_fused_nll_matches_plain_chunks_and_keeps_no_logits_cuda_bf16():
     assert rel(dhf, dhp) < 1e-2 and rel(dWf, dWp) < 1e-2
     assert held_p >= N * V * 4
     assert held_f <= (N * H + V * H) * 4 + 4 * 2**20, held_f  # dh and dW in fp32; slack: the allocator rounds
-    lc, dhc, dWc, held_c = res["compiled"]  # the compiled softmax (compile=true): same loss and gradients
-    assert abs(lc - lp) <= 1e-4 * abs(lp) and rel(dhc, dhp) < 1e-2 and rel(dWc, dWp) < 1e-2
-    assert held_c <= (N * H + V * H) * 4 + 4 * 2**20, held_c
+    for other in ("eager", "compiled"):  # the other softmax passes (a cap, no Triton): same loss and gradients
+        lc, dhc, dWc, held_c = res[other]
+        assert abs(lc - lp) <= 1e-4 * abs(lp) and rel(dhc, dhp) < 1e-2 and rel(dWc, dWp) < 1e-2, other
+        assert held_c <= (N * H + V * H) * 4 + 4 * 2**20, (other, held_c)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,C,V", [(torch.bfloat16, 37, 1000), (torch.bfloat16, 64, 128256),
+                                       (torch.float32, 5, 4099), (torch.float16, 3, 7)])
+def test_triton_softmax_nll_grad_matches_float64(dtype, C, V):
+    """kernels.softmax_nll_grad (the fused head's softmax pass on CUDA) against float64 torch: the NLL sum and
+    softmax − onehot, for V below, across and far above one block, one row shifted by +3000 and one row's
+    target at the last column (exp range and the tail block); the gradient is written over the logits."""
+    from regretless import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z = (torch.randn(C, V, device="cuda", generator=g) * 3).to(dtype)
+    y = torch.randint(0, V, (C,), device="cuda", generator=g)
+    y[-1] = V - 1
+    if dtype != torch.float16:
+        z[0] += 3000.0
+    zd = z.double()
+    want_nll = (torch.logsumexp(zd, -1) - zd.gather(-1, y[:, None])[:, 0]).sum()
+    want_g = torch.softmax(zd, -1) - torch.nn.functional.one_hot(y, V).double()
+    buf = z.clone()
+    got_nll, got_g = kernels.softmax_nll_grad(buf, y)
+    assert got_g.data_ptr() == buf.data_ptr() and got_g.dtype == dtype and got_nll.dtype == torch.float32
+    torch.testing.assert_close(got_nll.double(), want_nll, rtol=1e-5, atol=1e-3)
+    tol = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (4e-3, 8e-3), torch.float16: (1e-3, 1e-3)}[dtype]
+    torch.testing.assert_close(got_g.double(), want_g, atol=tol[0], rtol=tol[1])
 
 
 def _rel(a, b):

@@ -214,12 +214,33 @@ def _compiled_softmax_nll_grad(backend: str, options: tuple = ()):
 def head_nll_sum(h_N_H: torch.Tensor, W_V_H: torch.Tensor, b_V: torch.Tensor | None, y_N: torch.Tensor,
                  cap: float | None = None, chunk: int | None = None, compiled: bool = False) -> torch.Tensor:
     """Σ_n −log softmax(c(h_n·Wᵀ + b))[y_n] (fp32 scalar) without keeping any (N, V) tensor for backward; c is
-    cap·tanh(·/cap) when `cap` is given. Gradients reach h, W and b wherever they require them. `compiled`:
-    each chunk's softmax and gradient run as `softmax_nll_grad` under torch.compile (a trained bias keeps
-    the eager path)."""
-    opts = tuple(sorted(COMPILE_OPTIONS.items())) if COMPILE_BACKEND == "inductor" else ()
-    fn = _compiled_softmax_nll_grad(COMPILE_BACKEND, opts) if compiled else None
-    return _FusedHeadNLL.apply(h_N_H, W_V_H, b_V, y_N, cap, chunk or FUSED_CHUNK, compute_dtype(W_V_H), fn)
+    cap·tanh(·/cap) when `cap` is given. Gradients reach h, W and b wherever they require them. Each chunk's
+    softmax and gradient: on CUDA without a cap, `kernels.softmax_nll_grad` (Triton, two passes over the logits,
+    the gradient written over them); else with `compiled`, `softmax_nll_grad` under torch.compile; else (and
+    with a trained bias) the eager in-place path of `_FusedHeadNLL`."""
+    return _FusedHeadNLL.apply(h_N_H, W_V_H, b_V, y_N, cap, chunk or FUSED_CHUNK, compute_dtype(W_V_H),
+                               _softmax_fn(h_N_H.device, cap, compiled))
+
+
+TRITON_SOFTMAX = True  # kernels.softmax_nll_grad where it applies (benchmarks/gpu_step.py's A/B turns it off)
+
+
+@functools.cache
+def _have_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def _softmax_fn(device: torch.device, cap: float | None, compiled: bool):
+    if TRITON_SOFTMAX and device.type == "cuda" and not cap and _have_triton():
+        from regretless import kernels
+
+        return kernels.softmax_nll_grad
+    if compiled:
+        return _compiled_softmax_nll_grad(COMPILE_BACKEND, tuple(sorted(COMPILE_OPTIONS.items()))
+                                          if COMPILE_BACKEND == "inductor" else ())
+    return None
 
 
 def _fusable_head(model: nn.Module) -> nn.Linear | None:
