@@ -40,8 +40,9 @@ Methods
   peft-plain     the same in a plain bf16 loop: no autocast, PEFT's default fp32 adapters (their matmuls in fp32):
                  the setup of the issue's own PEFT measurement (0.471 s, 69 GiB); the targets are checked against
                  both PEFT setups
-  +compile       regretless: `torch.compile` of each decoder block and of the fused head's softmax, as the
-                 trainer's `compile=true` does (`train.compile_blocks`); PEFT: of the transformer trunk, as a
+  +compile       regretless: `torch.compile` of each decoder block, as the trainer's `compile=true` does
+                 (`train.compile_blocks`; the fused head's softmax pass runs as Triton kernels on CUDA with or
+                 without it, compiled by inductor only where those do not apply); PEFT: of the trunk, as a
                  PEFT user would (traced, transformers hands SDPA a materialized causal mask)
   +ckpt          activation checkpointing of every decoder layer (non-reentrant), as `gradient_checkpointing=true`
 

@@ -11,7 +11,8 @@ Training keeps no logits either:
   latter only when the head is trained: FullFT; LoRA freezes it). Backward only multiplies them by the incoming
   gradient, so what waits for backward is (N, H) and (V, H), never (N, V) — the idea of Liger-Kernel's fused
   linear cross-entropy, in plain PyTorch ops. Matmuls run in the dtype the plain head would use (the autocast
-  dtype under autocast, else the head's), the softmax in fp32; dh and dW are accumulated in fp32.
+  dtype under autocast, else the head's), the softmax in fp32; dh and dW are accumulated in fp32. On CUDA the
+  softmax pass is two Triton kernels (`regretless.kernels`), elsewhere compiled or eager PyTorch.
 - RL (`head_logprobs` with grad enabled: per-token log-probs feed an arbitrary loss): each chunk's head and
   log-softmax run under non-reentrant activation checkpointing, so backward recomputes the chunk's logits from
   the kept h instead of storing them (one extra head forward; the entropy stays without gradient).
@@ -280,7 +281,8 @@ def nll_sum(model: nn.Module, batch: dict[str, torch.Tensor], fused: bool = True
     With grad enabled the head and loss are one fused node (`head_nll_sum`); eval without grad takes the plain
     chunks, as does a head that the fused node does not handle (then checkpointed per chunk). `fused=False`: the
     plain chunks with their logits kept for backward (the benchmark's A/B reference). `compiled`: the fused
-    node's softmax runs compiled (`head_nll_sum`), as the trainer asks with `compile=true`."""
+    node's softmax runs compiled where the Triton pass does not apply (`head_nll_sum`), as the trainer asks with
+    `compile=true`."""
     targets_B_T = shifted_targets(batch["labels"])
     head = _fusable_head(model) if fused and torch.is_grad_enabled() else None
     if head is None:
